@@ -1,0 +1,32 @@
+# Two commands do all set-up on a fresh machine: `make demo` and `make test`.
+# Both install into .venv (idempotent: pip runs again only when setup.py changes).
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed-$(shell cksum setup.py | cut -d' ' -f1)
+
+.PHONY: install test test-slow test-all demo clean
+
+$(STAMP): setup.py
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e ".[test]"
+	@rm -f $(VENV)/.installed-*
+	@touch $@
+
+install: $(STAMP)
+
+test: install  ## fast suite (< 10 min on 2 CPU cores)
+	$(PY) -m pytest -m "not slow" -q
+
+test-slow: install  ## only the slow tests
+	$(PY) -m pytest -m slow -q
+
+test-all: install
+	$(PY) -m pytest -q
+
+demo: install  ## builds the tiny preset on the local devices and runs it
+	$(PY) experiments/model_info.py --preset tiny --forward
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache
