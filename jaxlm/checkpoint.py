@@ -1,0 +1,59 @@
+"""A model on disk: DIR/config.json (the ModelConfig) + DIR/params (an orbax checkpoint).
+
+Written by `python -m jaxlm.convert import-hf`, read by inference and fine-tuning entry points.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jax
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from jaxlm.config import ModelConfig
+from jaxlm.model import Transformer
+from jaxlm.sharding import state_shardings
+
+FORMAT = "jaxlm-model-v1"
+
+
+def save_model(directory: str | Path, model: Transformer) -> Path:
+    """Write config.json and params/ under `directory` (created; must not hold params already)."""
+    directory = Path(directory).absolute()
+    directory.mkdir(parents=True, exist_ok=True)
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(directory / "params", params)
+        ckptr.wait_until_finished()
+    meta = {"format": FORMAT, "model": model.cfg.to_dict()}
+    (directory / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
+    return directory
+
+
+def read_model_config(directory: str | Path) -> ModelConfig:
+    file = Path(directory) / "config.json"
+    if not file.is_file():
+        raise FileNotFoundError(f"{file}: not a jaxlm model directory (expected config.json and "
+                                "params/ as written by `python -m jaxlm.convert import-hf`)")
+    meta = json.loads(file.read_text())
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{file}: format {meta.get('format')!r} is not {FORMAT!r}")
+    return ModelConfig.from_dict(meta["model"], source=str(file))
+
+
+def load_model(directory: str | Path, *, mesh: jax.sharding.Mesh | None = None) -> Transformer:
+    """Restore a model saved by save_model, each parameter directly into its sharding on `mesh`."""
+    directory = Path(directory).absolute()
+    cfg = read_model_config(directory)
+    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
+    if mesh is not None:
+        shardings = state_shardings(abstract, mesh)
+        abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                abstract, shardings)
+    target = nnx.to_pure_dict(nnx.state(nnx.merge(graphdef, abstract), nnx.Param))
+    with ocp.StandardCheckpointer() as ckptr:
+        params = ckptr.restore(directory / "params", target)
+    state = nnx.state(nnx.merge(graphdef, abstract))
+    nnx.replace_by_pure_dict(state, params)
+    return nnx.merge(graphdef, state)

@@ -1,0 +1,1 @@
+"""Hugging Face checkpoint import (and, later, export). `from jaxlm.convert import hf`."""

@@ -1,0 +1,159 @@
+"""Import Hugging Face Llama / Mistral checkpoints straight from safetensors (no torch needed).
+
+    from jaxlm.convert import hf
+    model = hf.load("path/to/hf_dir")          # nnx Transformer; model(tokens) -> logits
+    model = hf.load(path, mesh=mesh)           # parameters placed in the sharding table's layout
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from safetensors import safe_open
+
+from jaxlm.config import ModelConfig
+from jaxlm.convert.names import IGNORED_SUFFIXES, hf_names, rules_for
+from jaxlm.model import Transformer
+from jaxlm.sharding import state_shardings
+
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
+
+
+def read_hf_config(path: str | Path) -> dict[str, Any]:
+    file = Path(path) / "config.json"
+    if not file.is_file():
+        raise FileNotFoundError(f"{file}: no config.json; pass a Hugging Face model directory "
+                                "(config.json + *.safetensors)")
+    try:
+        return json.loads(file.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{file}: not valid JSON ({e})") from None
+
+
+def config_from_hf(hf: dict[str, Any], *, source: str = "config.json", **overrides) -> ModelConfig:
+    """ModelConfig from a transformers config dict; unsupported features raise, naming the field."""
+    arch = (hf.get("architectures") or ["?"])[0]
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise ValueError(f"{source}: architectures={arch!r} is not supported; jaxlm imports "
+                         f"{list(SUPPORTED_ARCHITECTURES)}")
+    for field, ok in (("hidden_act", lambda v: v in (None, "silu")),
+                      ("attention_bias", lambda v: not v), ("mlp_bias", lambda v: not v)):
+        if not ok(hf.get(field)):
+            raise ValueError(f"{source}: {field}={hf.get(field)!r} is not supported "
+                             "(jaxlm models use SwiGLU with silu and no biases)")
+    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    if rope.get("rope_type", rope.get("type", "default")) != "default":
+        raise ValueError(f"{source}: rope scaling {rope!r} is not supported (only default RoPE)")
+    # transformers >= 5 nests rope_theta in rope_parameters; older configs have it top level.
+    theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
+    heads = hf["num_attention_heads"]
+    dtype = str(hf.get("dtype") or hf.get("torch_dtype") or "float32")
+    fields = dict(
+        vocab_size=hf["vocab_size"], d_model=hf["hidden_size"], n_layers=hf["num_hidden_layers"],
+        n_heads=heads, n_kv_heads=hf.get("num_key_value_heads") or heads,
+        head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
+        ffn_hidden=hf["intermediate_size"],
+        max_seq_len=hf.get("max_position_embeddings", 4096),
+        sliding_window=hf.get("sliding_window") if arch == "MistralForCausalLM" else None,
+        rope_theta=float(theta), norm_eps=hf.get("rms_norm_eps", 1e-5),
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        param_dtype=dtype if dtype in ("float32", "bfloat16") else "float32",
+    )
+    fields.update(overrides)
+    try:
+        return ModelConfig(**fields)
+    except ValueError as e:
+        raise ValueError(f"{source}: {e}") from None
+
+
+class SafetensorsReader:
+    """Lazy access to the tensors of a directory: model.safetensors, a sharded index, or *.safetensors."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        index = self.path / "model.safetensors.index.json"
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            self.where = {name: self.path / file for name, file in weight_map.items()}
+            for file in set(self.where.values()):
+                if not file.is_file():
+                    raise FileNotFoundError(f"{index} lists {file.name}, which is missing")
+        else:
+            files = sorted(self.path.glob("*.safetensors"))
+            if not files:
+                raise FileNotFoundError(f"{self.path}: no model.safetensors, index or *.safetensors "
+                                        "files (convert .bin checkpoints with transformers first)")
+            self.where = {}
+            for file in files:
+                with safe_open(file, framework="flax") as f:
+                    self.where.update({name: file for name in f.keys()})
+        self._handles: dict[Path, Any] = {}
+
+    def names(self) -> set[str]:
+        return set(self.where)
+
+    def _handle(self, name: str):
+        file = self.where[name]
+        if file not in self._handles:
+            self._handles[file] = safe_open(file, framework="flax")
+        return self._handles[file]
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._handle(name).get_slice(name).get_shape())
+
+    def get(self, name: str) -> jax.Array:
+        return self._handle(name).get_tensor(name)
+
+
+def load_params(path: str | Path, cfg: ModelConfig, abstract: nnx.State) -> dict:
+    """Read every parameter of `cfg` from `path` into a pure dict matching `abstract` (host arrays).
+
+    Stacked parameters are assembled one layer tensor at a time; peak host memory is the largest
+    stacked parameter, not the checkpoint.
+    """
+    reader = SafetensorsReader(path)
+    pure = nnx.to_pure_dict(abstract)
+    used: set[str] = set()
+    for rule in rules_for(cfg):
+        node = pure
+        for key in rule.ours[:-1]:
+            node = node[key]
+        target = node[rule.ours[-1]]
+        ours_shape = target.shape[1:] if rule.per_layer else target.shape
+        expected = rule.layout.hf_shape(tuple(ours_shape))
+        tensors = []
+        for name in hf_names(rule, cfg.n_layers):
+            if name not in reader.where:
+                raise ValueError(f"{path}: tensor {name!r} is missing (needed for "
+                                 f"{'.'.join(rule.ours)}); the checkpoint does not match config.json")
+            got = reader.shape(name)
+            if got != expected:
+                raise ValueError(f"{path}: tensor {name!r} has shape {list(got)}, expected "
+                                 f"{list(expected)} from config.json")
+            tensors.append(rule.layout.to_ours(reader.get(name), ours_shape).astype(target.dtype))
+            used.add(name)
+        node[rule.ours[-1]] = jnp.stack(tensors) if rule.per_layer else tensors[0]
+    extra = sorted(n for n in reader.names() - used if not n.endswith(IGNORED_SUFFIXES))
+    if extra:
+        raise ValueError(f"{path}: unexpected tensor(s) {extra[:5]}{' ...' if len(extra) > 5 else ''}"
+                         " that a Llama/Mistral model does not have; is this another architecture?")
+    return pure
+
+
+def load(path: str | Path, *, mesh: jax.sharding.Mesh | None = None, **overrides) -> Transformer:
+    """An nnx Transformer with the weights of the HF directory `path`.
+
+    overrides: ModelConfig fields to change (e.g. dtype="bfloat16", remat="full").
+    With `mesh`, each parameter is placed in its sharding from jaxlm.sharding.RULES.
+    """
+    cfg = config_from_hf(read_hf_config(path), source=str(Path(path) / "config.json"), **overrides)
+    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
+    pure = load_params(path, cfg, abstract)
+    nnx.replace_by_pure_dict(abstract, pure)
+    if mesh is not None:
+        abstract = jax.device_put(abstract, state_shardings(abstract, mesh))
+    return nnx.merge(graphdef, abstract)

@@ -1,0 +1,139 @@
+"""Mesh construction, the logical-axis table, and sharded == unsharded on 8 emulated devices."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax.sharding import PartitionSpec as P
+
+from jaxlm.config import get_preset
+from jaxlm.model import Transformer
+from jaxlm.sharding import (MeshConfig, init_sharded, logical_to_spec, make_mesh,
+                            state_partition_specs)
+
+
+def test_eight_emulated_devices():
+    assert jax.device_count() == 8
+
+
+def test_mesh_fill_and_errors():
+    assert MeshConfig().resolve(8) == ((1, 8, 1, 1), (1, 1, 1, 1))
+    assert MeshConfig(data=2, fsdp=-1, tensor=2).resolve(8) == ((2, 2, 1, 2), (1, 1, 1, 1))
+    assert MeshConfig(fsdp=4, dcn_data=-1).resolve(16, n_slices=4) == ((1, 4, 1, 1), (4, 1, 1, 1))
+    with pytest.raises(ValueError, match="multiply to 6 but there are 8 devices"):
+        MeshConfig(data=3, fsdp=2).resolve(8)
+    with pytest.raises(ValueError, match="not divisible by the product of the fixed axes"):
+        MeshConfig(tensor=3).resolve(8)
+    with pytest.raises(ValueError, match="at most one ici axis may be -1"):
+        MeshConfig(data=-1, fsdp=-1)
+    with pytest.raises(ValueError, match="MeshConfig.tensor must be a positive integer or -1"):
+        MeshConfig(tensor=0)
+    mesh = make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
+    assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "expert": 1, "tensor": 2}
+
+
+def test_table_skips_axes_that_do_not_divide_or_repeat():
+    shape = {"data": 2, "fsdp": 2, "expert": 1, "tensor": 4}
+    assert logical_to_spec(("embed", "kv_heads"), (64, 8), shape) == P("fsdp", "tensor")
+    assert logical_to_spec(("embed", "kv_heads"), (64, 2), shape) == P("fsdp", None)
+    assert logical_to_spec(("activation_batch", None), (8, 3), shape) == P(("data", "fsdp"), None)
+    assert logical_to_spec(("activation_batch", None), (2, 3), shape) == P("data", None)
+    with pytest.raises(KeyError, match="'widgets' is not in jaxlm.sharding.RULES"):
+        logical_to_spec(("widgets",), (4,), shape)
+
+
+MESHES = {
+    "data8": MeshConfig(data=8, fsdp=1),
+    "data2_fsdp4": MeshConfig(data=2, fsdp=4),
+    "fsdp2_tensor4": MeshConfig(fsdp=2, tensor=4),
+}
+
+# What the table must give for the "test" preset (d=64, N=8, K=4, H=8, F=128, V=256), written out
+# by hand from RULES so a change to the table shows up here.
+EXPECTED_SPECS = {
+    "data8": {},  # everything replicated
+    "data2_fsdp4": {
+        ("embed", "embedding"): P(None, "fsdp"),
+        ("layers", "attn", "q"): P(None, "fsdp", None, None),
+        ("layers", "attn", "o"): P(None, None, None, "fsdp"),
+        ("layers", "mlp", "down"): P(None, None, "fsdp"),
+        ("lm_head",): P("fsdp", None),
+    },
+    "fsdp2_tensor4": {
+        ("embed", "embedding"): P("tensor", "fsdp"),
+        ("layers", "attn", "q"): P(None, "fsdp", "tensor", None),
+        ("layers", "attn", "k"): P(None, "fsdp", "tensor", None),
+        ("layers", "attn", "o"): P(None, "tensor", None, "fsdp"),
+        ("layers", "mlp", "gate"): P(None, "fsdp", "tensor"),
+        ("layers", "mlp", "down"): P(None, "tensor", "fsdp"),
+        ("layers", "attn_norm", "scale"): P(None, None),
+        ("lm_head",): P("fsdp", "tensor"),
+    },
+}
+
+
+def _loss(model, tokens):
+    logits = model(tokens)
+    targets = jnp.roll(tokens, -1, axis=1)
+    logp = jax.nn.log_softmax(logits)
+    return -jnp.mean(jnp.take_along_axis(logp, targets[..., None], axis=-1))
+
+
+@jax.jit
+def _loss_and_grads(graphdef, state, tokens):
+    model = nnx.merge(graphdef, state)
+    loss, grads = nnx.value_and_grad(_loss)(model, tokens)
+    return loss, nnx.state(grads)
+
+
+def _run(model, tokens):
+    graphdef, state = nnx.split(model)
+    logits = jax.jit(lambda s, t: nnx.merge(graphdef, s)(t))(state, tokens)
+    loss, grads = _loss_and_grads(graphdef, state, tokens)
+    return np.asarray(logits), float(loss), jax.tree.map(np.asarray, nnx.to_pure_dict(grads))
+
+
+@pytest.fixture(scope="module")
+def single_device():
+    cfg = get_preset("test")
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (8, 16)), jnp.int32)
+    return cfg, tokens, _run(Transformer(cfg, rngs=nnx.Rngs(0)), tokens)
+
+
+@pytest.mark.parametrize("mesh_name", sorted(MESHES))
+def test_sharded_equals_single_device(single_device, mesh_name):
+    cfg, tokens, (ref_logits, ref_loss, ref_grads) = single_device
+    mesh = make_mesh(MESHES[mesh_name])
+    model = init_sharded(lambda: Transformer(cfg, rngs=nnx.Rngs(0)), mesh)
+
+    # Parameters carry the table's shardings.
+    specs = nnx.to_pure_dict(state_partition_specs(nnx.state(model), dict(mesh.shape)))
+    params = nnx.to_pure_dict(nnx.state(model))
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        key = tuple(k.key for k in path)
+        assert leaf.sharding.spec == specs_for(specs, key)
+        want = EXPECTED_SPECS[mesh_name].get(key)
+        if want is not None or mesh_name == "data8":
+            assert leaf.sharding.spec == (want or P(*[None] * leaf.ndim)), key
+
+    with jax.set_mesh(mesh):
+        logits, loss, grads = _run(model, tokens)
+    # Tolerance: f32, different reduction orders across shards.
+    np.testing.assert_allclose(logits, ref_logits, atol=1e-5)
+    assert abs(loss - ref_loss) < 1e-5
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), grads, ref_grads)
+
+
+def specs_for(specs, key):
+    node = specs
+    for k in key:
+        node = node[k]
+    return node
+
+
+def test_kv_heads_fewer_than_tensor_axis_are_replicated():
+    cfg = get_preset("test_swa")  # K = 2 kv heads on tensor = 4
+    mesh = make_mesh(MeshConfig(fsdp=2, tensor=4))
+    model = init_sharded(lambda: Transformer(cfg, rngs=nnx.Rngs(0)), mesh)
+    assert model.layers.attn.k[...].sharding.spec == P(None, "fsdp", None, None)
+    assert model.layers.attn.q[...].sharding.spec == P(None, "fsdp", "tensor", None)
