@@ -1,5 +1,7 @@
 """ModelConfig validation, presets and their parameter counts (SPEC.md §1)."""
 import dataclasses
+import json
+from pathlib import Path
 
 import jax
 import pytest
@@ -65,17 +67,21 @@ def test_big_preset_parameter_count_matches_spec(name):
     assert n == cfg.param_count()
 
 
-def test_bench_preset_matches_shared_config():
-    import json
-    from pathlib import Path
+BENCH_JSON = Path(__file__).resolve().parents[1] / "experiments" / "configs" / "bench.json"
 
-    shared = Path(__file__).resolve().parents[2] / "shared" / "bench" / "config.json"
-    if not shared.is_file():
-        pytest.skip(f"{shared} not present (the shared folder sits beside the checkout)")
-    m = json.loads(shared.read_text())["model"]
+
+def test_bench_preset_matches_the_bench_config():
+    m = json.loads(BENCH_JSON.read_text())["model"]
     cfg = PRESETS["bench"]
     assert (cfg.vocab_size, cfg.d_model, cfg.n_layers, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim,
             cfg.ffn_hidden, cfg.sliding_window, cfg.rope_theta, cfg.norm_eps, cfg.tie_embeddings) == (
         m["vocab_size"], m["d_model"], m["n_layers"], m["n_heads"], m["n_kv_heads"],
         m["head_dim"], m["ffn_hidden"], m["sliding_window"], m["rope_theta"], m["norm_eps"],
         m["tie_embeddings"])
+
+
+def test_bench_config_is_a_copy_of_the_shared_one():
+    shared = Path(__file__).resolve().parents[2] / "shared" / "bench" / "config.json"
+    if not shared.is_file():
+        pytest.skip(f"{shared} not present (the shared folder sits beside the checkout in CI)")
+    assert json.loads(shared.read_text()) == json.loads(BENCH_JSON.read_text())

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -36,10 +37,10 @@ def import_hf(src: str, dst: str, param_dtype: str | None = None, overwrite: boo
     start = time.perf_counter()
     model = hf.load(src, **overrides)
     if overwrite and dst_path.exists():
-        import shutil
-
         shutil.rmtree(dst_path)
     out = save_model(dst_path, model)
+    if (Path(src) / "tokenizer.model").is_file():  # Meta / HF Llama dirs ship the SentencePiece model
+        shutil.copy(Path(src) / "tokenizer.model", out / "tokenizer.model")
     n = model.cfg.param_count()
     print(f"imported {n / 1e6:.1f}M parameters from {src} -> {out} "
           f"({time.perf_counter() - start:.1f}s)")

@@ -9,7 +9,7 @@ import numpy as np
 from flax import nnx
 
 from jaxlm.config import ModelConfig, Remat
-from jaxlm.model.attention import Attention
+from jaxlm.model.attention import Attention, CacheUpdate, KVCache
 from jaxlm.model.layers import Embed, RMSNorm, make_param
 from jaxlm.model.mlp import SwiGLU
 from jaxlm.sharding import constrain
@@ -37,11 +37,15 @@ class Block(nnx.Module):
         self.mlp_norm = RMSNorm(cfg, layers=layers)
         self.mlp = SwiGLU(cfg, layers=layers, rngs=rngs)
 
-    def __call__(self, x: jax.Array, positions: jax.Array,
-                 segment_ids: jax.Array | None = None) -> jax.Array:
-        h = x + self.attn(self.attn_norm(x), positions, segment_ids)
-        out = h + self.mlp(self.mlp_norm(h))
-        return constrain(out, ACTIVATION)
+    def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array | None = None,
+                 cache: tuple[jax.Array, jax.Array] | None = None,
+                 update: CacheUpdate | None = None):
+        """[B, T, D] -> [B, T, D]; with a layer cache (k, v): -> ([B, T, D], updated (k, v))."""
+        attn = self.attn(self.attn_norm(x), positions, segment_ids, cache, update)
+        attn, cache = attn if cache is not None else (attn, None)
+        h = x + attn
+        out = constrain(h + self.mlp(self.mlp_norm(h)), ACTIVATION)
+        return out if cache is None else (out, cache)
 
 
 class Transformer(nnx.Module):
@@ -56,33 +60,47 @@ class Transformer(nnx.Module):
             self.lm_head = make_param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), cfg)
 
     def __call__(self, tokens: jax.Array, positions: jax.Array | None = None,
-                 segment_ids: jax.Array | None = None) -> jax.Array:
-        """tokens int [B, T] -> logits float32 [B, T, V].
+                 segment_ids: jax.Array | None = None, cache: KVCache | None = None):
+        """tokens int [B, T] -> logits float32 [B, T, V] (and the updated cache, if given one).
 
-        positions [B, T] default to arange(T) per row; segment_ids [B, T] (packed documents; 0 may
-        mark padding) keep documents from attending to each other.
+        positions [B, T] default to arange(T) per row; -1 marks padding. segment_ids [B, T]
+        (packed documents; 0 may mark padding) keep documents from attending to each other.
+        cache: a KVCache (jaxlm.model.attention) for prefill / decode; returns (logits, cache).
         """
+        x, new_cache = self.hidden(tokens, positions, segment_ids, cache)
+        logits = self.logits(x)
+        return logits if cache is None else (logits, new_cache)
+
+    def hidden(self, tokens: jax.Array, positions: jax.Array | None = None,
+               segment_ids: jax.Array | None = None, cache: KVCache | None = None):
+        """The final hidden states [B, T, D] before norm and head, and the updated cache (or None)."""
         self._check_tokens(tokens)
         b, t = tokens.shape
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
         x = self.embed(tokens)
-        x = self.apply_layers(x, positions, segment_ids)
-        return self.logits(x)
-
-    def apply_layers(self, x: jax.Array, positions: jax.Array,
-                     segment_ids: jax.Array | None) -> jax.Array:
-        """Run the stacked blocks with lax.scan: one traced layer, compile time flat in depth."""
         graphdef, stacked = nnx.split(self.layers)
+        if cache is None:
+            def body(h, layer_state):
+                return nnx.merge(graphdef, layer_state)(h, positions, segment_ids), None
+            xs = stacked
+        else:
+            if segment_ids is not None:
+                raise ValueError("segment_ids are for packed training rows; a cached call takes "
+                                 "one sequence per row (use positions = -1 for padding)")
+            update = CacheUpdate.plan(cache.pos, positions)
 
-        def body(h, layer_state):
-            return nnx.merge(graphdef, layer_state)(h, positions, segment_ids), None
-
-        policy = REMAT_POLICIES[self.cfg.remat]
+            def body(h, layer):
+                layer_state, k, v = layer
+                return nnx.merge(graphdef, layer_state)(h, positions, None, (k, v), update)
+            xs = (stacked, cache.k, cache.v)
         if self.cfg.remat is not Remat.NONE:
-            body = jax.checkpoint(body, policy=policy, prevent_cse=False)
-        x, _ = jax.lax.scan(body, x, stacked)
-        return x
+            body = jax.checkpoint(body, policy=REMAT_POLICIES[self.cfg.remat], prevent_cse=False)
+        # lax.scan traces one layer: compile time stays flat in depth.
+        x, kv = jax.lax.scan(body, x, xs)
+        if cache is None:
+            return x, None
+        return x, KVCache(kv[0], kv[1], update.new_pos)
 
     def logits(self, x: jax.Array) -> jax.Array:
         """Final norm and output head: [B, T, D] -> float32 [B, T, V]."""

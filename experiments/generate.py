@@ -1,0 +1,133 @@
+"""Generate text from a jaxlm model directory (written by the trainer or by `import-hf`).
+
+    python experiments/generate.py --checkpoint ckpt/ --prompt "The capital of France is"
+    python experiments/generate.py --checkpoint ckpt/ --chat --system "Answer briefly."
+    python experiments/generate.py --checkpoint ckpt/ --prompt_ids 1,2,3 --max_new_tokens 8 \
+        --temperature 0 --json          # prints {"ids": [...]}: the generated ids only
+
+The tokenizer is DIR/tokenizer.model unless --tokenizer is given (not needed for --prompt_ids).
+Sliding-window models decode with Mistral's rolling-buffer cache; long prompts are prefilled in
+chunks of --prefill_chunk tokens (default: the window).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="jaxlm model directory (config.json + params/)")
+    mode = p.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--prompt", help="text to continue (encoded with BOS)")
+    mode.add_argument("--prompt_ids", help="comma-separated token ids to continue, e.g. 1,2,3")
+    mode.add_argument("--chat", action="store_true", help="multi-turn Llama-2 chat in the terminal")
+    p.add_argument("--system", default=None, help="system message for --chat")
+    p.add_argument("--tokenizer", default=None, help="SentencePiece model (default: CHECKPOINT/tokenizer.model)")
+    p.add_argument("--max_new_tokens", type=int, default=128, help="tokens to generate at most")
+    p.add_argument("--temperature", type=float, default=None,
+                   help="0 = greedy (default for --prompt/--prompt_ids; 0.6 for --chat, Llama-2)")
+    p.add_argument("--top_p", type=float, default=None, help="nucleus mass (default 1.0; 0.9 for --chat)")
+    p.add_argument("--top_k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (same seed, same output)")
+    p.add_argument("--prefill_chunk", type=int, default=None, help="prompt tokens per prefill step")
+    p.add_argument("--json", action="store_true", help='print one JSON object {"ids": [...], ...}')
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        return run(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def load(args):
+    from jaxlm.checkpoint import load_model
+    from jaxlm.tokenizer import Tokenizer
+
+    model = load_model(args.checkpoint)
+    tokenizer = None
+    tok_path = Path(args.tokenizer) if args.tokenizer else Path(args.checkpoint) / "tokenizer.model"
+    if args.tokenizer or args.prompt_ids is None:
+        if not tok_path.is_file():
+            raise FileNotFoundError(f"{tok_path}: no tokenizer; pass --tokenizer PATH "
+                                    "(or use --prompt_ids)")
+        tokenizer = Tokenizer(tok_path)
+    return model, tokenizer
+
+
+def run(args) -> int:
+    from jaxlm.inference.generate import generate
+    from jaxlm.inference.sampling import SamplingConfig
+
+    model, tok = load(args)
+    chat = args.chat
+    sampling = SamplingConfig(
+        temperature=args.temperature if args.temperature is not None else (0.6 if chat else 0.0),
+        top_p=args.top_p if args.top_p is not None else (0.9 if chat else 1.0),
+        top_k=args.top_k, vocab_limit=tok.vocab_size if tok else None)
+    eos = tok.eos_id if tok else None
+
+    def complete(ids):
+        start = time.perf_counter()
+        out = generate(model, [ids], max_new_tokens=args.max_new_tokens, sampling=sampling,
+                       seed=args.seed, eos_id=eos, prefill_chunk=args.prefill_chunk)
+        return out.tokens[0], time.perf_counter() - start
+
+    if chat:
+        return chat_loop(tok, complete, args.system)
+    if args.prompt_ids is not None:
+        try:
+            ids = [int(x) for x in args.prompt_ids.split(",") if x.strip()]
+        except ValueError:
+            raise ValueError(f"--prompt_ids must be comma-separated integers, got {args.prompt_ids!r}") from None
+    else:
+        ids = tok.encode(args.prompt, bos=True)
+    new, seconds = complete(ids)
+    if args.json:
+        record = {"ids": new}
+        if tok:
+            record["text"] = tok.decode(new)
+        print(json.dumps(record))
+    else:
+        print((tok.decode(ids) + tok.decode(new)) if tok else new)
+        print(f"[{len(new)} tokens in {seconds:.2f}s incl. compilation]", file=sys.stderr)
+    return 0
+
+
+def chat_loop(tok, complete, system) -> int:
+    from jaxlm.chat import encode_dialog_prompt
+
+    dialog = [{"role": "system", "content": system}] if system else []
+    print("Llama-2 chat. Empty line or Ctrl-D to quit.", file=sys.stderr)
+    while True:
+        try:
+            user = input("you> ")
+        except EOFError:
+            break
+        if not user.strip():
+            break
+        dialog.append({"role": "user", "content": user})
+        try:
+            new, seconds = complete(encode_dialog_prompt(tok, dialog))
+        except ValueError as e:  # e.g. a control tag typed by the user: report, keep chatting
+            print(f"error: {e}", file=sys.stderr)
+            dialog.pop()
+            continue
+        answer = tok.decode(new).strip()
+        print(f"assistant> {answer}")
+        dialog.append({"role": "assistant", "content": answer})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

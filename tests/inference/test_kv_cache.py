@@ -1,0 +1,106 @@
+"""KV cache and rolling buffer against full recomputation; chunked prefill; cache size."""
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from jaxlm.config import get_preset
+from jaxlm.inference.generate import generate
+from jaxlm.model import Transformer
+from jaxlm.model.attention import KVCache
+
+
+@pytest.fixture(scope="module")
+def swa_model():
+    return Transformer(get_preset("test_swa"), rngs=nnx.Rngs(0))  # window W = 8
+
+
+@pytest.fixture(scope="module")
+def full_model():
+    return Transformer(get_preset("test"), rngs=nnx.Rngs(1))
+
+
+@pytest.mark.parametrize("name", ["swa_model", "full_model"])
+def test_decode_matches_full_recompute_beyond_three_windows(name, request):
+    model = request.getfixturevalue(name)
+    prompt = [5, 17, 99, 3, 200]
+    new = 3 * 8 + 6  # > 3·W generated tokens: the rolling buffer wraps several times
+    result = generate(model, [prompt], max_new_tokens=new, return_logits=True)
+    seq = prompt + result.tokens[0]
+    assert len(result.tokens[0]) == new
+    # Reference: the whole sequence at once with the model's (sliding-window) masks, no cache.
+    full = np.asarray(model(jnp.asarray([seq])))[0, len(prompt) - 1:-1]
+    np.testing.assert_allclose(result.logits[0], full, atol=1e-4)
+    assert full.argmax(-1).tolist() == result.tokens[0]  # the same greedy tokens
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 5, 8, 13, 30])
+def test_chunked_prefill_equals_one_shot(swa_model, chunk):
+    # Chunks smaller than, equal to and larger than W = 8, dividing and not dividing T = 30.
+    t = 30
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, 256, (2, t)))
+    one_shot = np.asarray(swa_model(tokens))
+    cache = KVCache.create(swa_model.cfg, 2, 100)
+    outs = []
+    for start in range(0, t, chunk):
+        piece = tokens[:, start:start + chunk]
+        pos = jnp.broadcast_to(jnp.arange(start, start + piece.shape[1]), piece.shape)
+        logits, cache = swa_model(piece, pos, cache=cache)
+        outs.append(np.asarray(logits))
+    np.testing.assert_allclose(np.concatenate(outs, axis=1), one_shot, atol=1e-5)
+    # The buffer now holds exactly the last W positions, each in slot p mod W.
+    pos = np.asarray(cache.pos)
+    assert sorted(pos[0].tolist()) == list(range(t - 8, t))
+    assert all(pos[0, p % 8] == p for p in range(t - 8, t))
+
+
+def test_generate_same_tokens_for_any_prefill_chunk(swa_model):
+    prompt = list(range(1, 21))
+    runs = [generate(swa_model, [prompt], max_new_tokens=10, prefill_chunk=c).tokens[0]
+            for c in (None, 1, 3, 8, 13)]
+    assert all(r == runs[0] for r in runs)
+
+
+def test_cache_size_does_not_depend_on_generation_length(swa_model, full_model):
+    short, long = KVCache.create(swa_model.cfg, 2, 100), KVCache.create(swa_model.cfg, 2, 100_000)
+    assert short.k.shape == long.k.shape == (2, 2, 8, 2, 8)  # [L, B, W, K, H]
+    assert KVCache.create(full_model.cfg, 2, 100).k.shape[2] == 100  # full attention grows
+    # Mistral 7B at 32k tokens: 8x less cache memory with W = 4096 (Mistral §2).
+    mistral = get_preset("mistral_7b")
+    rolled = KVCache.create(mistral, 1, 32768).pos.shape[1]
+    full = KVCache.create(mistral.replace(sliding_window=None), 1, 32768).pos.shape[1]
+    assert full // rolled == 8
+
+
+@pytest.mark.parametrize("name", ["swa_model", "full_model"])
+def test_ragged_batch_equals_each_prompt_alone(name, request):
+    model = request.getfixturevalue(name)
+    prompts = [[5, 17, 99, 3, 200], list(range(1, 14)), [7]]
+    batched = generate(model, prompts, max_new_tokens=12, return_logits=True)
+    for row, prompt in enumerate(prompts):
+        alone = generate(model, [prompt], max_new_tokens=12, return_logits=True)
+        assert batched.tokens[row] == alone.tokens[0]
+        np.testing.assert_allclose(batched.logits[row], alone.logits[0], atol=1e-5)
+
+
+def test_eos_stops_each_row_independently(full_model):
+    prompts = [[5, 17, 99], [8, 1, 2, 3]]
+    free = generate(full_model, prompts, max_new_tokens=12)
+    eos = free.tokens[0][3]  # make the 4th token of row 0 the "eos"
+    stopped = generate(full_model, prompts, max_new_tokens=12, eos_id=eos)
+    assert stopped.tokens[0] == free.tokens[0][:free.tokens[0].index(eos)]
+    assert stopped.finished[0]
+    row1 = free.tokens[1]
+    assert stopped.tokens[1] == (row1[:row1.index(eos)] if eos in row1 else row1)
+
+
+def test_bad_generation_input(full_model):
+    with pytest.raises(ValueError, match="empty prompt"):
+        generate(full_model, [[1, 2], []], max_new_tokens=4)
+    with pytest.raises(ValueError, match=r"exceeds the model's context max_seq_len=128"):
+        generate(full_model, [list(range(120))], max_new_tokens=20)
+    with pytest.raises(ValueError, match="token ids must be in"):
+        generate(full_model, [[1, 300]], max_new_tokens=4)
+    with pytest.raises(ValueError, match="segment_ids are for packed training rows"):
+        cache = KVCache.create(full_model.cfg, 1, 8)
+        full_model(jnp.ones((1, 2), jnp.int32), cache=cache, segment_ids=jnp.ones((1, 2), jnp.int32))
