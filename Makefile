@@ -5,7 +5,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-$(shell cksum setup.py | cut -d' ' -f1)
 
-.PHONY: install test test-slow test-all demo clean
+.PHONY: install test test-slow test-all demo bench clean
 
 $(STAMP): setup.py
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -27,6 +27,10 @@ test-all: install
 
 demo: install  ## builds the tiny preset on the local devices and runs it
 	$(PY) experiments/model_info.py --preset tiny --forward
+
+bench: install  ## benchmarks vs transformers on the shared bench config (results in bench/)
+	@mkdir -p bench
+	$(PY) experiments/bench.py decode prefill --vs hf --json bench/results.json --plot bench/results.png
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
