@@ -71,6 +71,13 @@ class Transformer(nnx.Module):
         logits = self.logits(x)
         return logits if cache is None else (logits, new_cache)
 
+    def with_aux(self, tokens: jax.Array, positions: jax.Array | None = None,
+                 segment_ids: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """Training forward: (logits [B, T, V], aux) where aux holds scalar auxiliary losses and
+        statistics the layers report (empty for a dense model). aux["aux_loss"], when present, is
+        the already-weighted term the trainer adds to the loss."""
+        return self(tokens, positions, segment_ids), {}
+
     def hidden(self, tokens: jax.Array, positions: jax.Array | None = None,
                segment_ids: jax.Array | None = None, cache: KVCache | None = None):
         """The final hidden states [B, T, D] before norm and head, and the updated cache (or None)."""
