@@ -25,8 +25,8 @@ test-slow: install  ## only the slow tests
 test-all: install
 	$(PY) -m pytest -q
 
-demo: install  ## builds the tiny preset on the local devices and runs it
-	$(PY) experiments/model_info.py --preset tiny --forward
+demo: install  ## trains the tiny preset on the embedded corpus (~10 min on 2 CPU cores)
+	$(PY) experiments/pretrain.py --workdir runs/demo --config=experiments/configs/pretrain.py:tiny
 
 bench: install  ## benchmarks vs transformers on the shared bench config (results in bench/)
 	@mkdir -p bench

@@ -17,6 +17,7 @@ INSTALL_REQUIRES = [
     "absl-py>=2.0",
     "tqdm>=4.66",
     "matplotlib>=3.8",
+    "tensorboardX>=2.6.5,<2.7",  # TensorBoard event files without TensorFlow
 ]
 
 setup(

@@ -51,14 +51,9 @@ def median_time(fn, repeats: int) -> float:
 
 def measured_peak_flops() -> float:
     """f32 matmul FLOP/s on this machine, measured now (the CPU 'peak' MFU is relative to)."""
-    import jax
-    import jax.numpy as jnp
+    from jaxlm.train.metrics import measure_matmul_flops
 
-    n = 2048  # 2048-4096 squared reaches the CPU's f32 peak (PLATFORM-NOTES.md)
-    a = jnp.ones((n, n), jnp.float32)
-    f = jax.jit(lambda x: x @ x)
-    t = median_time(lambda: f(a).block_until_ready(), 5)
-    return 2 * n ** 3 / t
+    return measure_matmul_flops()
 
 
 class Setup:

@@ -12,6 +12,7 @@ from jaxlm.config import ModelConfig, Remat
 from jaxlm.model.attention import Attention, CacheUpdate, KVCache
 from jaxlm.model.layers import Embed, RMSNorm, make_param
 from jaxlm.model.mlp import SwiGLU
+from jaxlm.model.moe import MoE, MoEMode
 from jaxlm.sharding import constrain
 
 ACTIVATION = ("activation_batch", "activation_length", "activation_embed")
@@ -24,8 +25,21 @@ REMAT_POLICIES: dict[Remat, Callable | None] = {
 }
 
 
+def layer_stacks(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Which decoder layers (0-based) each scanned stack holds, in stack order.
+
+    `layers` holds every `moe.every`-th layer (the MoE blocks; all layers of a dense model or of
+    an all-MoE one like Mixtral); `dense_layers` the others, when there are any. jaxlm.convert
+    reads this to place HF layer i.
+    """
+    every = cfg.moe.every if cfg.moe is not None else 1
+    last = tuple(i for i in range(cfg.n_layers) if (i + 1) % every == 0)
+    rest = tuple(i for i in range(cfg.n_layers) if (i + 1) % every)
+    return {"layers": last, "dense_layers": rest} if rest else {"layers": last}
+
+
 class Block(nnx.Module):
-    """Pre-norm decoder block: x + attn(norm(x)), then h + mlp(norm(h)).
+    """Pre-norm decoder block: x + attn(norm(x)), then h + ffn(norm(h)); the FFN is SwiGLU.
 
     Built with `layers=L`, every parameter has a leading L axis: the whole stack is one Block
     whose per-layer slices the scan in `Transformer` feeds to the same code.
@@ -35,17 +49,37 @@ class Block(nnx.Module):
         self.attn_norm = RMSNorm(cfg, layers=layers)
         self.attn = Attention(cfg, layers=layers, rngs=rngs)
         self.mlp_norm = RMSNorm(cfg, layers=layers)
+        self.init_ffn(cfg, layers, rngs)
+
+    def init_ffn(self, cfg: ModelConfig, layers: int | None, rngs: nnx.Rngs) -> None:
         self.mlp = SwiGLU(cfg, layers=layers, rngs=rngs)
+
+    def ffn(self, h, valid, mode: MoEMode, rng) -> tuple[jax.Array, dict]:
+        return self.mlp(h), {}
 
     def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array | None = None,
                  cache: tuple[jax.Array, jax.Array] | None = None,
-                 update: CacheUpdate | None = None):
-        """[B, T, D] -> [B, T, D]; with a layer cache (k, v): -> ([B, T, D], updated (k, v))."""
+                 update: CacheUpdate | None = None, mode: MoEMode = MoEMode(),
+                 rng: jax.Array | None = None):
+        """[B, T, D] -> ([B, T, D], updated layer cache (k, v) or None, aux dict of the FFN).
+
+        positions [B, T] (-1 = padding: never dispatched to an expert); rng: router jitter key.
+        """
         attn = self.attn(self.attn_norm(x), positions, segment_ids, cache, update)
         attn, cache = attn if cache is not None else (attn, None)
         h = x + attn
-        out = constrain(h + self.mlp(self.mlp_norm(h)), ACTIVATION)
-        return out if cache is None else (out, cache)
+        y, aux = self.ffn(self.mlp_norm(h), positions >= 0, mode, rng)
+        return constrain(h + y, ACTIVATION), cache, aux
+
+
+class MoEBlock(Block):
+    """The same block with a sparse mixture of experts as its FFN (SPEC §10)."""
+
+    def init_ffn(self, cfg: ModelConfig, layers: int | None, rngs: nnx.Rngs) -> None:
+        self.moe = MoE(cfg, layers=layers, rngs=rngs)
+
+    def ffn(self, h, valid, mode: MoEMode, rng) -> tuple[jax.Array, dict]:
+        return self.moe(h, valid, mode, rng)
 
 
 class Transformer(nnx.Module):
@@ -54,7 +88,12 @@ class Transformer(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
         self.embed = Embed(cfg, rngs=rngs)
-        self.layers = Block(cfg, layers=cfg.n_layers, rngs=rngs)
+        stacks = layer_stacks(cfg)
+        # Dispatch once: the block class decides dense or MoE FFN for the whole stack.
+        block = Block if cfg.moe is None else MoEBlock
+        self.layers = block(cfg, layers=len(stacks["layers"]), rngs=rngs)
+        if "dense_layers" in stacks:
+            self.dense_layers = Block(cfg, layers=len(stacks["dense_layers"]), rngs=rngs)
         self.final_norm = RMSNorm(cfg)
         if not cfg.tie_embeddings:
             self.lm_head = make_param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), cfg)
@@ -72,42 +111,78 @@ class Transformer(nnx.Module):
         return logits if cache is None else (logits, new_cache)
 
     def with_aux(self, tokens: jax.Array, positions: jax.Array | None = None,
-                 segment_ids: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
-        """Training forward: (logits [B, T, V], aux) where aux holds scalar auxiliary losses and
+                 segment_ids: jax.Array | None = None, *, rng: jax.Array | None = None,
+                 train: bool = True) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """Training forward: (logits [B, T, V], aux) where aux holds auxiliary losses and
         statistics the layers report (empty for a dense model). aux["aux_loss"], when present, is
-        the already-weighted term the trainer adds to the loss."""
-        return self(tokens, positions, segment_ids), {}
+        the already-weighted term the trainer adds to the loss.
+
+        MoE models report, averaged over MoE layers: aux_loss (α·load_balance + c_z·router_z),
+        load_balance (Switch, 1.0 when balanced), router_z (ST-MoE), dropped_fraction (capacity
+        dispatch) and expert_load [E] (fraction of assignments per expert).
+        train: the capacity factor for training (else the eval factor). rng: a jax.random key for
+        router jitter (MoEConfig.router_jitter); without one there is no jitter.
+        """
+        x, _, aux = self._stack(tokens, positions, segment_ids, None, MoEMode(train=train), rng)
+        return self.logits(x), aux
 
     def hidden(self, tokens: jax.Array, positions: jax.Array | None = None,
                segment_ids: jax.Array | None = None, cache: KVCache | None = None):
         """The final hidden states [B, T, D] before norm and head, and the updated cache (or None)."""
+        x, cache, _ = self._stack(tokens, positions, segment_ids, cache,
+                                  MoEMode(cached=cache is not None), None)
+        return x, cache
+
+    def _stack(self, tokens, positions, segment_ids, cache: KVCache | None, mode: MoEMode,
+               rng: jax.Array | None):
+        """Embed and run the scanned layers: (hidden [B, T, D], new cache or None, aux)."""
         self._check_tokens(tokens)
         b, t = tokens.shape
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
         x = self.embed(tokens)
-        graphdef, stacked = nnx.split(self.layers)
-        if cache is None:
-            def body(h, layer_state):
-                return nnx.merge(graphdef, layer_state)(h, positions, segment_ids), None
-            xs = stacked
-        else:
+        update = None
+        if cache is not None:
             if segment_ids is not None:
                 raise ValueError("segment_ids are for packed training rows; a cached call takes "
                                  "one sequence per row (use positions = -1 for padding)")
             update = CacheUpdate.plan(cache.pos, positions)
+        # One scan step = one group of `every` consecutive layers: every-1 dense blocks, then
+        # the block of `self.layers` (the MoE block of an MoE model). Stacks are [G, ...].
+        groups = len(layer_stacks(self.cfg)["layers"])
+        every = self.cfg.n_layers // groups
+        graphdef, last = nnx.split(self.layers)
+        xs = {"last": last, "index": jnp.arange(groups)}
+        if every > 1:
+            dense_def, dense = nnx.split(self.dense_layers)
+            xs["dense"] = jax.tree.map(lambda a: a.reshape(groups, every - 1, *a.shape[1:]), dense)
+        if cache is not None:  # [L, ...] in layer order -> [G, every, ...]
+            xs["k"], xs["v"] = (c.reshape(groups, every, *c.shape[1:]) for c in (cache.k, cache.v))
 
-            def body(h, layer):
-                layer_state, k, v = layer
-                return nnx.merge(graphdef, layer_state)(h, positions, None, (k, v), update)
-            xs = (stacked, cache.k, cache.v)
+        def body(h, xs):
+            kv, aux = [], {}
+            key = None if rng is None else jax.random.fold_in(rng, xs["index"])
+            for j in range(every):
+                if j < every - 1:
+                    block = nnx.merge(dense_def, jax.tree.map(lambda a: a[j], xs["dense"]))
+                else:
+                    block = nnx.merge(graphdef, xs["last"])
+                layer_cache = None if cache is None else (xs["k"][j], xs["v"][j])
+                h, layer_cache, aux = block(h, positions, segment_ids, layer_cache, update,
+                                            mode, key)
+                kv.append(layer_cache)
+            kv = None if cache is None else tuple(jnp.stack(c) for c in zip(*kv))
+            return h, (kv, aux)
+
         if self.cfg.remat is not Remat.NONE:
             body = jax.checkpoint(body, policy=REMAT_POLICIES[self.cfg.remat], prevent_cse=False)
-        # lax.scan traces one layer: compile time stays flat in depth.
-        x, kv = jax.lax.scan(body, x, xs)
+        # lax.scan traces one group: compile time stays flat in depth.
+        x, (kv, aux) = jax.lax.scan(body, x, xs)
+        aux = {name: jnp.mean(value, axis=0) for name, value in aux.items()}  # over MoE layers
         if cache is None:
-            return x, None
-        return x, KVCache(kv[0], kv[1], update.new_pos)
+            return x, None, aux
+        k, v = (c.reshape(cache.k.shape) for c in kv)
+        return x, KVCache(k, v, update.new_pos), aux
 
     def logits(self, x: jax.Array) -> jax.Array:
         """Final norm and output head: [B, T, D] -> float32 [B, T, V]."""

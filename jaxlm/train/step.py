@@ -50,7 +50,10 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, *,
     grad_fn = jax.grad(loss_fn, has_aux=True)
 
     def train_step(state: TrainState, batch: Batch):
-        micro = jax.tree.map(lambda a: a.reshape(accum_steps, -1, *a.shape[1:]), batch)
+        # Row r goes to micro-batch r % accum_steps: every micro-batch takes rows from every
+        # device's contiguous block of the batch-sharded input, so no resharding is needed.
+        micro = jax.tree.map(
+            lambda a: a.reshape(-1, accum_steps, *a.shape[1:]).swapaxes(0, 1), batch)
 
         def accumulate(carry, mb):
             grads, sums = carry
@@ -77,6 +80,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, *,
             bad_total=state.bad_total + bad)
         metrics = {"loss": loss, "z_loss": sums["z_sum"] / tokens, "grad_norm": grad_norm,
                    "tokens": sums["tokens"], "finite": finite,
+                   "bad_in_a_row": new_state.bad_in_a_row,
                    **{k: v / tokens for k, v in sums.items() if k.startswith("aux/")}}
         return new_state, metrics
 

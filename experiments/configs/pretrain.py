@@ -1,0 +1,81 @@
+"""Pretraining experiment configs (ml_collections). Select a preset after the colon:
+
+    python experiments/pretrain.py --workdir runs/tiny --config=experiments/configs/pretrain.py:tiny \
+        --config.train.steps=200 --config.checkpoint.every_steps=50
+
+Presets: tiny (CPU demo, ~16M parameters), test (seconds, synthetic data), llama2_7b, llama2_70b,
+mistral_7b (TPU pod shapes: Llama 2 §2.2 recipe, 4M-token batches, mesh per preset).
+"""
+from ml_collections import ConfigDict
+
+
+def base() -> ConfigDict:
+    c = ConfigDict()
+    # Model: a jaxlm.config preset plus field overrides (dtype, remat, ...). vocab_size is set from
+    # the tokenizer (padded to a multiple of 128) unless the data source is synthetic.
+    c.model = ConfigDict({"preset": "tiny", "overrides": ConfigDict({}, type_safe=False)})
+    c.mesh = ConfigDict({"data": 1, "fsdp": -1, "expert": 1, "tensor": 1,
+                         "dcn_data": -1, "dcn_fsdp": 1, "dcn_expert": 1, "dcn_tensor": 1})
+    c.tokenizer = ConfigDict({
+        "path": "",             # a SentencePiece .model; "" = WORKDIR/tokenizer/tokenizer.model
+        "train_if_missing": True,  # train one on the data source (stdlib / local:GLOB) first
+        "vocab_size": 8192,
+    })
+    c.data = ConfigDict({
+        "source": "stdlib", "data_dir": "", "split": "train", "eval_split": "validation",
+        "text_field": "text", "worker_count": 0, "seed": 0,
+    })
+    c.train = ConfigDict({
+        "steps": 600,
+        "seq_len": 256,
+        "global_batch_tokens": 8 * 256,   # Llama 2: 4M (1024 rows x 4096)
+        "micro_batch_per_device": 8,      # rows per device per forward/backward pass
+        "z_loss": 0.0,
+        "seed": 0,
+        "log_every": 10,
+        "eval_every": 100,
+        "eval_batches": 8,
+        "max_bad_steps": 5,               # stop after this many non-finite steps in a row
+        "inject_nan_at": (),              # fault injection for tests: NaN in the batch of these steps (1-based)
+        "sample_prompt": "def ",          # printed with a greedy continuation at the end
+        "sample_tokens": 48,
+    })
+    c.optim = ConfigDict({
+        "peak_lr": 3e-4, "warmup_steps": 2000, "final_lr_fraction": 0.1, "b1": 0.9, "b2": 0.95,
+        "eps": 1e-5, "weight_decay": 0.1, "clip_norm": 1.0,
+    })
+    c.checkpoint = ConfigDict({"every_steps": 100, "keep": 3, "async_save": True})
+    return c
+
+
+def get_config(preset: str = "tiny") -> ConfigDict:
+    c = base()
+    if preset == "tiny":
+        # ~16M parameters; ~10 minutes on 2 CPU cores.
+        c.model.preset = "tiny"
+        c.optim.update(peak_lr=2e-3, warmup_steps=60)
+    elif preset == "test":
+        c.model.preset = "test"
+        c.data.source = "synthetic"
+        c.train.update(steps=20, seq_len=32, global_batch_tokens=8 * 32, micro_batch_per_device=1,
+                       log_every=1, eval_every=10, eval_batches=2, sample_prompt="")
+        c.optim.update(peak_lr=1e-2, warmup_steps=2)
+        c.checkpoint.update(every_steps=5, keep=10)
+    elif preset in ("llama2_7b", "llama2_70b", "mistral_7b"):
+        # Llama 2 §2.2: 4M-token batches of 4096-token rows, AdamW 0.9/0.95/1e-5, wd 0.1,
+        # clip 1.0, 2000 warmup steps, cosine to 10%; peak 3e-4 (7B) or 1.5e-4 (70B).
+        c.model.preset = preset
+        c.model.overrides = ConfigDict({"dtype": "bfloat16", "remat": "dots"}, type_safe=False)
+        c.tokenizer.update(vocab_size=32000)
+        c.data.update(source="tfds:c4/en", data_dir="gs://YOUR_BUCKET/tfds", worker_count=8)
+        seq = 8192 if preset == "mistral_7b" else 4096
+        c.train.update(steps=500_000, seq_len=seq, global_batch_tokens=4 * 1024 * 1024,
+                       micro_batch_per_device=1, log_every=10, eval_every=1000, eval_batches=32)
+        c.optim.update(peak_lr=1.5e-4 if preset == "llama2_70b" else 3e-4, warmup_steps=2000)
+        c.checkpoint.update(every_steps=1000, keep=3)
+        # Mesh: FSDP across the slice; 70B adds 8-way tensor parallelism (8 kv heads).
+        if preset == "llama2_70b":
+            c.mesh.update(fsdp=-1, tensor=8)
+    else:
+        raise ValueError(f"unknown pretrain preset {preset!r}: tiny, test, llama2_7b, llama2_70b, mistral_7b")
+    return c

@@ -1,0 +1,167 @@
+"""From an ml_collections experiment config to the validated pieces the trainer needs.
+
+Modules receive only their own dataclass (DESIGN: data flow); this file is the one place that
+reads the experiment ConfigDict, and every error names the config field to change.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+
+from jaxlm.config import ModelConfig, get_preset
+from jaxlm.data.batching import BatchPlan, plan_batches
+from jaxlm.data.pipeline import DataConfig, make_pretrain_iterator
+from jaxlm.model import Transformer
+from jaxlm.sharding import MeshConfig, make_mesh
+from jaxlm.train.optim import OptimConfig, learning_rate
+
+log = logging.getLogger("jaxlm.train")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    steps: int
+    seq_len: int
+    global_batch_tokens: int
+    micro_batch_per_device: int = 1
+    z_loss: float = 0.0
+    seed: int = 0
+    log_every: int = 10
+    eval_every: int = 100
+    eval_batches: int = 8
+    max_bad_steps: int = 5
+    inject_nan_at: tuple = ()
+    sample_prompt: str = ""
+    sample_tokens: int = 48
+
+    def __post_init__(self):
+        for name in ("steps", "seq_len", "global_batch_tokens", "micro_batch_per_device",
+                     "log_every", "eval_every", "max_bad_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"config.train.{name} must be >= 1, got {getattr(self, name)}")
+        if self.z_loss < 0:
+            raise ValueError(f"config.train.z_loss must be >= 0, got {self.z_loss}")
+        object.__setattr__(self, "inject_nan_at", tuple(int(s) for s in self.inject_nan_at))
+
+
+def maybe_initialize_distributed() -> None:
+    """jax.distributed.initialize() on a multi-host TPU slice / pod (detected from the
+    environment TPU VMs set); a no-op on a single host or CPU."""
+    hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
+    if "," in hosts or os.environ.get("MEGASCALE_COORDINATOR_ADDRESS") or \
+            os.environ.get("JAX_COORDINATOR_ADDRESS"):
+        jax.distributed.initialize()
+
+
+@dataclasses.dataclass
+class Experiment:
+    model: ModelConfig
+    model_class: type
+    mesh: Any
+    plan: BatchPlan
+    optim: OptimConfig
+    train: TrainConfig
+    data: DataConfig
+    eval_split: str
+    ckpt: dict
+    resolved: dict
+    tokenizer: Any
+    tokenizer_path: Path | None
+
+    @property
+    def inject_nan_at(self) -> set[int]:
+        return set(self.train.inject_nan_at)
+
+    def learning_rate(self, step: int) -> float:
+        return float(learning_rate(self.optim)(step))
+
+    def make_iterator(self, split: str, eval_mode: bool = False):
+        cfg = self.data if not eval_mode else dataclasses.replace(
+            self.data, split=split, shuffle=False, num_epochs=1, worker_count=0)
+        return make_pretrain_iterator(cfg, self.tokenizer)
+
+    def graphdef_for_export(self):
+        return nnx.graphdef(nnx.eval_shape(lambda: self.model_class(self.model, rngs=nnx.Rngs(0))))
+
+    def unigram_entropy(self, batches: int = 50) -> float:
+        """Entropy (nats) of the held-out split's token distribution: the loss of a model that
+        knows token frequencies and nothing else, the baseline a trained LM must beat."""
+        counts = np.zeros(self.model.vocab_size, np.int64)
+        it = self.make_iterator(self.eval_split, eval_mode=True)
+        try:
+            for _ in range(batches):
+                try:
+                    b = next(it)
+                except StopIteration:
+                    break
+                counts += np.bincount(b["targets"][b["loss_mask"] > 0], minlength=counts.size)
+        finally:
+            it.close()
+        p = counts[counts > 0] / counts.sum()
+        return float(-(p * np.log(p)).sum())
+
+
+def resolve(config, workdir: Path) -> Experiment:
+    """Validate the whole experiment before anything compiles; errors name the config field."""
+    c = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+    train = TrainConfig(**c["train"])
+    tokenizer, tok_path = _tokenizer(c, workdir, train.seed)
+    overrides = dict(c["model"].get("overrides") or {})
+    if tokenizer is not None and "vocab_size" not in overrides:
+        overrides["vocab_size"] = tokenizer.padded_vocab_size()
+    overrides.setdefault("max_seq_len", max(train.seq_len, get_preset(c["model"]["preset"]).max_seq_len))
+    model = get_preset(c["model"]["preset"], **overrides)
+    if tokenizer is not None:
+        from jaxlm.tokenizer import check_model_vocab
+
+        check_model_vocab(tokenizer, model.vocab_size)
+    mesh = make_mesh(MeshConfig(**c["mesh"]))
+    plan = plan_batches(train.global_batch_tokens, train.seq_len, jax.device_count(),
+                        jax.process_count(), train.micro_batch_per_device)
+    d = c["data"]
+    data = DataConfig(source=d["source"], data_dir=d["data_dir"] or None, split=d["split"],
+                      text_field=d["text_field"], seq_len=train.seq_len,
+                      batch_size=plan.per_host_batch, seed=d["seed"],
+                      worker_count=d["worker_count"], synthetic_vocab=model.vocab_size)
+    optim = OptimConfig(total_steps=train.steps, **c["optim"])
+    resolved = {**c, "model_config": model.to_dict(),
+                "batch_plan": dataclasses.asdict(plan), "devices": jax.device_count(),
+                "processes": jax.process_count(), "mesh_shape": dict(mesh.shape),
+                "params": model.param_count()}
+    return Experiment(model=model, model_class=_model_class(model), mesh=mesh, plan=plan,
+                      optim=optim, train=train, data=data, eval_split=d["eval_split"],
+                      ckpt=dict(c["checkpoint"]), resolved=resolved, tokenizer=tokenizer,
+                      tokenizer_path=tok_path)
+
+
+def _model_class(cfg: ModelConfig) -> type:
+    return Transformer
+
+
+def _tokenizer(c: dict, workdir: Path, seed: int):
+    """The experiment's tokenizer: given, found in the workdir, or trained on the data source."""
+    source = c["data"]["source"]
+    if source == "synthetic":
+        return None, None
+    from jaxlm.tokenizer import Tokenizer, train_tokenizer
+
+    t = c["tokenizer"]
+    path = Path(t["path"]) if t["path"] else workdir / "tokenizer" / "tokenizer.model"
+    if not path.is_file():
+        if not (t["train_if_missing"] and not t["path"] and source in ("stdlib",) or
+                t["train_if_missing"] and not t["path"] and source.startswith("local:")):
+            raise FileNotFoundError(f"config.tokenizer.path: {path} does not exist; point it at a "
+                                    "SentencePiece .model or set tokenizer.train_if_missing")
+        corpus = "stdlib" if source == "stdlib" else source[len("local:"):]
+        if jax.process_index() == 0:
+            log.info("training a %d-piece tokenizer on %s -> %s", t["vocab_size"], corpus, path.parent)
+        path = train_tokenizer(corpus, path.parent, vocab_size=t["vocab_size"], seed=seed)
+    return Tokenizer(path), path

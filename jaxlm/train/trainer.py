@@ -1,0 +1,267 @@
+"""The pretraining loop: resolve the experiment config, build model / optimizer / data on the
+mesh, resume, train with checkpoints and metrics, and leave a model directory for generation.
+
+    from jaxlm.train.trainer import train
+    summary = train(config, workdir)     # config: experiments/configs/pretrain.py ConfigDict
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding
+
+from jaxlm.train.checkpointing import Checkpoints, abstract_like
+from jaxlm.train.metrics import MetricsWriter, peak_flops_per_device, plot_loss, train_flops_per_token
+from jaxlm.train.optim import make_optimizer
+from jaxlm.train.experiment import Experiment, resolve
+from jaxlm.train.step import init_state, make_train_step
+from jaxlm.train.losses import token_losses
+from jaxlm.sharding import init_sharded, logical_to_spec
+
+log = logging.getLogger("jaxlm.train")
+
+
+class NonFiniteError(RuntimeError):
+    pass
+
+
+class _Preemption:
+    """SIGTERM (a TPU VM being preempted) sets a flag the loop checks after each step."""
+
+    def __init__(self):
+        self.requested = False
+        self._old = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def restore(self):
+        signal.signal(signal.SIGTERM, self._old)
+
+
+def train(config, workdir: str | Path) -> dict[str, Any]:
+    """Run (or resume) the experiment in `workdir`. Returns a summary dict."""
+    preempt = _Preemption()  # first, so a SIGTERM during set-up / compilation is not lost
+    try:
+        return _train(config, Path(workdir).absolute(), preempt)
+    finally:
+        preempt.restore()
+
+
+def _train(config, workdir: Path, preempt: _Preemption) -> dict[str, Any]:
+    workdir.mkdir(parents=True, exist_ok=True)
+    exp = resolve(config, workdir)
+    main = jax.process_index() == 0
+    if main:
+        (workdir / "config.json").write_text(json.dumps(exp.resolved, indent=2) + "\n")
+        log.info("resolved config:\n%s", json.dumps(exp.resolved, indent=2))
+
+    mesh, plan, cfg = exp.mesh, exp.plan, exp.model
+    model = init_sharded(lambda: exp.model_class(cfg, rngs=nnx.Rngs(exp.train.seed)), mesh)
+    graphdef, param_state = nnx.split(model)
+    tx = make_optimizer(exp.optim, param_state)
+    params = nnx.to_pure_dict(param_state)
+    with jax.set_mesh(mesh):
+        state = jax.jit(lambda p: init_state(p, tx))(params)
+    del model, param_state, params
+    state_sharding = jax.tree.map(lambda a: a.sharding, state)
+    rows, seq = plan.per_host_batch * jax.process_count(), exp.data.seq_len
+    batch_sharding = NamedSharding(mesh, logical_to_spec(
+        ("activation_batch", "activation_length"), (rows, seq), dict(mesh.shape)))
+
+    step_fn = jax.jit(make_train_step(graphdef, tx, accum_steps=plan.grad_accum_steps,
+                                      z_loss=exp.train.z_loss),
+                      in_shardings=(state_sharding, batch_sharding),
+                      out_shardings=(state_sharding, None), donate_argnums=0)
+
+    ckpts = Checkpoints(workdir / "checkpoints", keep=exp.ckpt["keep"],
+                        async_save=exp.ckpt["async_save"])
+    data = exp.make_iterator(split=exp.data.split)
+    restored = ckpts.restore_latest(abstract_like(state))
+    if restored is not None:
+        step0, state, data_state = restored
+        data.set_state(data_state)
+        log.info("resumed from step %d in %s", step0, ckpts.directory)
+
+    writer = MetricsWriter(workdir, enabled=main)
+    peak, peak_source = peak_flops_per_device()
+    flops_step = train_flops_per_token(cfg, seq) * plan.global_batch * seq
+    summary: dict[str, Any] = {"workdir": str(workdir)}
+    try:
+        summary.update(_loop(exp, state, step_fn, data, ckpts, writer, batch_sharding, mesh,
+                             preempt, flops_step, peak * jax.device_count(), graphdef))
+    finally:
+        ckpts.close()
+        writer.close()
+        data.close()
+    summary["peak_flops_source"] = peak_source
+    if main and summary.get("completed"):
+        _finish(exp, workdir, summary)
+    return summary
+
+
+def _to_device(batch: dict, sharding, inject_nan: bool) -> dict:
+    batch = dict(batch)
+    # loss_mask travels as float32 so the non-finite guard can be exercised with a real NaN.
+    batch["loss_mask"] = batch["loss_mask"].astype(np.float32)
+    if inject_nan:
+        batch["loss_mask"][0, 0] = np.nan
+    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
+
+
+def _loop(exp: Experiment, state, step_fn, data, ckpts: Checkpoints, writer: MetricsWriter,
+          batch_sharding, mesh, preempt: _Preemption, flops_step: float, peak: float, graphdef):
+    from tqdm import tqdm
+
+    t = exp.train
+    start = int(jax.device_get(state.step))
+    every = exp.ckpt["every_steps"]
+    eval_fn = _make_eval(graphdef, batch_sharding)
+    bar = tqdm(total=t.steps, initial=start, desc="train", unit="step", dynamic_ncols=True,
+               disable=jax.process_index() != 0, file=sys.stderr)
+    pending = None  # (step, device metrics, seconds per step) of the step before
+    last_time = time.perf_counter()
+    result = {"completed": False, "start_step": start}
+    step = start
+
+    def drain(pending):
+        """Fetch the previous step's metrics once this step is dispatched: one step of
+        pipelining, so the host never stalls the device waiting for a scalar."""
+        done_step, metrics, dt = pending
+        m = jax.device_get(metrics)
+        if done_step % t.log_every == 0 or done_step == t.steps or done_step == start + 1:
+            _log_step(done_step, m, dt, flops_step, peak, exp, writer, bar, result)
+        if int(m["bad_in_a_row"]) >= t.max_bad_steps:
+            bar.close()
+            raise NonFiniteError(
+                f"{t.max_bad_steps} non-finite steps in a row (last at step {done_step}); stopping."
+                f" The last good checkpoint is kept in {ckpts.directory} (steps {ckpts.steps()});"
+                " lower optim.peak_lr or enable train.z_loss, then resume")
+
+    with jax.set_mesh(mesh):
+        while step < t.steps:
+            batch = _to_device(next(data), batch_sharding, step + 1 in exp.inject_nan_at)
+            state, metrics = step_fn(state, batch)
+            step += 1
+            if pending is not None:
+                drain(pending)
+            now = time.perf_counter()
+            pending = (step, metrics, now - last_time)
+            last_time = now
+            if step % t.eval_every == 0 or step == t.steps:
+                eval_loss = _evaluate(exp, eval_fn, state, batch_sharding)
+                writer.write(step, {"eval_loss": eval_loss,
+                                    "eval_perplexity": math.exp(min(eval_loss, 50))})
+                result["eval_loss"] = eval_loss
+                last_time = time.perf_counter()  # eval time is not step time
+            if step % every == 0 or step == t.steps or preempt.requested:
+                ckpts.save(step, state, data.get_state(), exp.resolved, force=True)
+            if preempt.requested:
+                log.warning("SIGTERM: saved checkpoint %d, exiting", step)
+                result["preempted"] = True
+                break
+            bar.update(1)
+        if pending is not None:
+            drain(pending)
+    bar.close()
+    result["completed"] = step >= t.steps
+    result["steps"] = step
+    result["bad_steps_total"] = int(jax.device_get(state.bad_total))
+    result["final_state"] = state
+    return result
+
+
+def _log_step(step, m, dt, flops_step, peak, exp, writer, bar, result):
+    loss = float(m["loss"])
+    tokens = float(m["tokens"])
+    row = {"loss": loss if math.isfinite(loss) else None,
+           "perplexity": math.exp(min(loss, 50)) if math.isfinite(loss) else None,
+           "grad_norm": float(m["grad_norm"]) if math.isfinite(float(m["grad_norm"])) else None,
+           "learning_rate": float(exp.learning_rate(step - 1)),
+           "tokens_per_s": tokens / dt if dt > 0 else None, "step_time_s": dt,
+           "mfu": flops_step / dt / peak if dt > 0 else None,
+           "skipped": not bool(m["finite"]), "bad_in_a_row": int(m["bad_in_a_row"])}
+    if float(m["z_loss"]):
+        row["z_loss"] = float(m["z_loss"])
+    for k, v in m.items():
+        if k.startswith("aux/"):
+            v = np.asarray(v)
+            if v.ndim:  # per-expert vectors: log the spread
+                row[f"{k}_max"], row[f"{k}_min"] = float(v.max()), float(v.min())
+            else:
+                row[k] = float(v)
+    writer.write(step, row)
+    result["loss"] = row["loss"]
+    result["losses"] = result.get("losses", []) + [(step, loss)]
+    bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{row['tokens_per_s'] or 0:,.0f}",
+                    mfu=f"{(row['mfu'] or 0):.1%}", refresh=False)
+
+
+def _make_eval(graphdef, batch_sharding):
+    @jax.jit
+    def eval_step(params, batch):
+        model = nnx.merge(graphdef, params)
+        logits = model(batch["inputs"], batch["positions"], batch["segment_ids"])
+        s = token_losses(logits, batch["targets"], batch["loss_mask"])
+        return s["ce_sum"], s["tokens"]
+    return eval_step
+
+
+def _evaluate(exp: Experiment, eval_fn, state, batch_sharding) -> float:
+    """Token-weighted loss over the first eval_batches batches of the held-out split."""
+    it = exp.make_iterator(split=exp.eval_split, eval_mode=True)
+    total = count = 0.0
+    try:
+        for _ in range(exp.train.eval_batches):
+            try:
+                batch = next(it)
+            except StopIteration:
+                break
+            ce, n = jax.device_get(eval_fn(state.params, _to_device(batch, batch_sharding, False)))
+            total, count = total + float(ce), count + float(n)
+    finally:
+        it.close()
+    return total / max(count, 1.0)
+
+
+def _finish(exp: Experiment, workdir: Path, summary: dict) -> None:
+    """Model directory for generate.py / export, the loss plot, and a sample."""
+    from jaxlm.checkpoint import save_model
+
+    state = summary.pop("final_state")
+    model = nnx.merge(exp.graphdef_for_export(), jax.device_get(state.params))
+    model_dir = workdir / "model"
+    if model_dir.exists():
+        import shutil
+
+        shutil.rmtree(model_dir)
+    save_model(model_dir, model)
+    if exp.tokenizer_path is not None:
+        import shutil
+
+        shutil.copy(exp.tokenizer_path, model_dir / "tokenizer.model")
+    summary["model_dir"] = str(model_dir)
+    entropy = exp.unigram_entropy()
+    summary["unigram_entropy"] = entropy
+    summary["loss_plot"] = str(plot_loss(workdir / "metrics.jsonl", workdir / "loss.png",
+                                         reference=entropy, reference_label="unigram entropy"))
+    summary["tensorboard"] = str(workdir / "tensorboard")
+    if exp.tokenizer is not None and exp.train.sample_prompt:
+        from jaxlm.inference.generate import generate
+        from jaxlm.inference.sampling import SamplingConfig
+
+        ids = exp.tokenizer.encode(exp.train.sample_prompt, bos=True)
+        out = generate(model, [ids], max_new_tokens=exp.train.sample_tokens, eos_id=exp.tokenizer.eos_id,
+                       sampling=SamplingConfig(vocab_limit=exp.tokenizer.vocab_size))
+        summary["sample"] = exp.train.sample_prompt + exp.tokenizer.decode(out.tokens[0])
