@@ -23,8 +23,8 @@ class TrainState(NamedTuple):
 
 
 def init_state(params, tx: optax.GradientTransformation) -> TrainState:
-    zero = jnp.zeros((), jnp.int32)
-    return TrainState(params, tx.init(params), zero, zero, zero)
+    zero = lambda: jnp.zeros((), jnp.int32)  # distinct buffers: the state is donated
+    return TrainState(params, tx.init(params), zero(), zero(), zero())
 
 
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, *,
