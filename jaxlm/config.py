@@ -4,7 +4,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import math
-from typing import Any
+from typing import Any, Mapping
 
 import jax.numpy as jnp
 
@@ -156,6 +156,8 @@ class ModelConfig:
     keys j with i - W < j <= i (W keys, the HF / xformers convention, SPEC §1).
     dtype is the compute dtype; param_dtype the storage dtype. Norms, softmax, RoPE and the
     logits are computed in float32 regardless (numerical range).
+    moe: None for a dense model, or a MoEConfig (a nested dict in to_dict / from_dict) that puts
+    a sparse mixture of experts in place of the MLP of every `moe.every`-th layer.
     """
 
     vocab_size: int
@@ -209,12 +211,14 @@ class ModelConfig:
         except ValueError:
             raise ValueError(f"ModelConfig.remat must be one of "
                              f"{[r.value for r in Remat]}, got {self.remat!r}") from None
-        if isinstance(self.moe, dict):  # from JSON / ml_collections: a nested dict
-            object.__setattr__(self, "moe", MoEConfig.from_dict(self.moe, source="ModelConfig.moe"))
+        if self.moe is not None and not isinstance(self.moe, MoEConfig):
+            # From JSON or an ml_collections ConfigDict: a nested mapping.
+            moe = self.moe.to_dict() if hasattr(self.moe, "to_dict") else self.moe
+            if not isinstance(moe, Mapping):
+                raise ValueError(f"ModelConfig.moe must be None (dense), a MoEConfig or a dict of "
+                                 f"its fields, got {type(self.moe).__name__}")
+            object.__setattr__(self, "moe", MoEConfig.from_dict(dict(moe), source="ModelConfig.moe"))
         if self.moe is not None:
-            if not isinstance(self.moe, MoEConfig):
-                raise ValueError(f"ModelConfig.moe must be None (dense) or a MoEConfig / dict, "
-                                 f"got {type(self.moe).__name__}")
             if self.n_layers % self.moe.every:
                 raise ValueError(f"ModelConfig.moe.every ({self.moe.every}) must divide n_layers "
                                  f"({self.n_layers}): layers are scanned in groups of `every` "
@@ -298,10 +302,10 @@ PRESETS: dict[str, ModelConfig] = {
     "bench": ModelConfig(
         vocab_size=32000, d_model=512, n_layers=8, n_heads=8, n_kv_heads=2, head_dim=64,
         ffn_hidden=1408, max_seq_len=2048, sliding_window=256),
-    # CPU-sized: the demo model (15.7M parameters with an 8k vocabulary), GQA 6/2.
+    # CPU-sized: the demo model (10.5M parameters with an 8k vocabulary), GQA 4/2.
     "tiny": ModelConfig(
-        vocab_size=8192, d_model=384, n_layers=6, n_heads=6, n_kv_heads=2, head_dim=64,
-        ffn_hidden=1024, max_seq_len=1024),
+        vocab_size=8192, d_model=256, n_layers=8, n_heads=4, n_kv_heads=2, head_dim=64,
+        ffn_hidden=768, max_seq_len=1024),
     # Test-sized: compiles in seconds; heads/vocab divisible by every emulated mesh axis.
     "test": ModelConfig(
         vocab_size=256, d_model=64, n_layers=2, n_heads=8, n_kv_heads=4, head_dim=8,
@@ -331,7 +335,8 @@ for _e in (8, 16, 32):
 # per token equals `tiny` (2 half-width experts = one full MLP, plus the router) with 4x its MLP
 # parameters in total.
 PRESETS["tiny_moe"] = PRESETS["tiny"].replace(
-    ffn_hidden=PRESETS["tiny"].ffn_hidden // 2, moe=dict(n_experts=8, top_k=2, every=1, dispatch="capacity"))
+    ffn_hidden=PRESETS["tiny"].ffn_hidden // 2,
+    moe=dict(n_experts=8, top_k=2, every=1, dispatch="capacity"))
 # Test-sized: E = 8 so every emulated expert mesh axis (2, 4, 8) divides it.
 PRESETS["test_moe"] = PRESETS["test"].replace(
     ffn_hidden=64, moe=dict(n_experts=8, top_k=2, every=1, dispatch="dropless"))

@@ -34,14 +34,16 @@ def pytest_runtest_setup(item):
 TINY_HF = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
                rms_norm_eps=1e-5)
+TINY_MIXTRAL = dict(num_local_experts=4, num_experts_per_tok=2)
 
 
 @pytest.fixture(scope="session")
 def make_hf_model(tmp_path_factory):
     """make_hf_model(arch, **config) -> (torch model in eval mode, saved directory).
 
-    arch: "llama" or "mistral". Random weights from a fixed torch seed; eager attention so the
-    reference is the plain softmax formula. Cached per (arch, config) for the session.
+    arch: "llama", "mistral" or "mixtral" (4 experts, top-2 unless overridden). Random weights
+    from a fixed torch seed; eager attention so the reference is the plain softmax formula.
+    Cached per (arch, config) for the session.
     """
     cache = {}
 
@@ -54,8 +56,10 @@ def make_hf_model(tmp_path_factory):
             cls_cfg, cls_model = {
                 "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
                 "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
+                "mixtral": (transformers.MixtralConfig, transformers.MixtralForCausalLM),
             }[arch]
-            cfg = cls_cfg(**{**TINY_HF, **overrides})
+            extra = TINY_MIXTRAL if arch == "mixtral" else {}
+            cfg = cls_cfg(**{**TINY_HF, **extra, **overrides})
             cfg._attn_implementation = "eager"
             torch.manual_seed(0)
             model = cls_model(cfg).eval()

@@ -13,10 +13,10 @@ def _parser() -> argparse.ArgumentParser:
                                 description="Convert between Hugging Face and jaxlm checkpoints.")
     sub = p.add_subparsers(dest="command", required=True)
     imp = sub.add_parser(
-        "import-hf", help="HF Llama/Mistral directory -> jaxlm model directory",
-        description="Read a transformers LlamaForCausalLM / MistralForCausalLM directory "
-                    "(config.json + safetensors, sharded index too) and write a jaxlm model "
-                    "directory: DST/config.json + DST/params (orbax).")
+        "import-hf", help="HF Llama/Mistral/Mixtral directory -> jaxlm model directory",
+        description="Read a transformers LlamaForCausalLM / MistralForCausalLM / "
+                    "MixtralForCausalLM directory (config.json + safetensors, sharded index "
+                    "too) and write a jaxlm model directory: DST/config.json + DST/params (orbax).")
     imp.add_argument("--src", required=True, help="Hugging Face model directory")
     imp.add_argument("--dst", required=True, help="output jaxlm model directory")
     imp.add_argument("--param_dtype", choices=["float32", "bfloat16"], default=None,

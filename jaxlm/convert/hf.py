@@ -1,4 +1,4 @@
-"""Import Hugging Face Llama / Mistral checkpoints straight from safetensors (no torch needed).
+"""Import Hugging Face Llama / Mistral / Mixtral checkpoints straight from safetensors (no torch).
 
     from jaxlm.convert import hf
     model = hf.load("path/to/hf_dir")          # nnx Transformer; model(tokens) -> logits
@@ -16,11 +16,11 @@ from flax import nnx
 from safetensors import safe_open
 
 from jaxlm.config import ModelConfig
-from jaxlm.convert.names import IGNORED_SUFFIXES, hf_names, rules_for
+from jaxlm.convert.names import IGNORED_SUFFIXES, rules_for
 from jaxlm.model import Transformer
 from jaxlm.sharding import state_shardings
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "MixtralForCausalLM")
 
 
 def read_hf_config(path: str | Path) -> dict[str, Any]:
@@ -58,16 +58,30 @@ def config_from_hf(hf: dict[str, Any], *, source: str = "config.json", **overrid
         head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
         ffn_hidden=hf["intermediate_size"],
         max_seq_len=hf.get("max_position_embeddings", 4096),
-        sliding_window=hf.get("sliding_window") if arch == "MistralForCausalLM" else None,
+        sliding_window=hf.get("sliding_window") if arch != "LlamaForCausalLM" else None,
         rope_theta=float(theta), norm_eps=hf.get("rms_norm_eps", 1e-5),
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
         param_dtype=dtype if dtype in ("float32", "bfloat16") else "float32",
     )
+    if arch == "MixtralForCausalLM":
+        fields["moe"] = moe_from_hf(hf)
     fields.update(overrides)
     try:
         return ModelConfig(**fields)
     except ValueError as e:
         raise ValueError(f"{source}: {e}") from None
+
+
+def moe_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
+    """MoEConfig fields of a Mixtral config (SPEC §10, §11): every layer MoE, dropless (exact)."""
+    k = hf.get("num_experts_per_tok", 2)
+    return dict(
+        n_experts=hf.get("num_local_experts", 8), top_k=k, every=1, dispatch="dropless",
+        # HF's load-balancing loss counts all k choices, so it is k x ours (jaxlm.model.moe):
+        # the same training objective needs α = k · router_aux_loss_coef.
+        load_balance_coef=k * hf.get("router_aux_loss_coef", 0.001),
+        # HF jitters the whole MoE input; jaxlm only the router's (Switch §2.4). Off (0) by default.
+        router_jitter=float(hf.get("router_jitter_noise") or 0.0))
 
 
 class SafetensorsReader:
@@ -123,10 +137,10 @@ def load_params(path: str | Path, cfg: ModelConfig, abstract: nnx.State) -> dict
         for key in rule.ours[:-1]:
             node = node[key]
         target = node[rule.ours[-1]]
-        ours_shape = target.shape[1:] if rule.per_layer else target.shape
-        expected = rule.layout.hf_shape(tuple(ours_shape))
-        tensors = []
-        for name in hf_names(rule, cfg.n_layers):
+        ours_shape = tuple(target.shape[rule.stacked_axes:])
+        expected = rule.layout.hf_shape(ours_shape)
+        tensors = {}
+        for name, index in rule.entries():
             if name not in reader.where:
                 raise ValueError(f"{path}: tensor {name!r} is missing (needed for "
                                  f"{'.'.join(rule.ours)}); the checkpoint does not match config.json")
@@ -134,14 +148,23 @@ def load_params(path: str | Path, cfg: ModelConfig, abstract: nnx.State) -> dict
             if got != expected:
                 raise ValueError(f"{path}: tensor {name!r} has shape {list(got)}, expected "
                                  f"{list(expected)} from config.json")
-            tensors.append(rule.layout.to_ours(reader.get(name), ours_shape).astype(target.dtype))
+            tensors[index] = rule.layout.to_ours(reader.get(name), ours_shape).astype(target.dtype)
             used.add(name)
-        node[rule.ours[-1]] = jnp.stack(tensors) if rule.per_layer else tensors[0]
+        node[rule.ours[-1]] = _assemble(tensors, target.shape[:rule.stacked_axes])
     extra = sorted(n for n in reader.names() - used if not n.endswith(IGNORED_SUFFIXES))
     if extra:
         raise ValueError(f"{path}: unexpected tensor(s) {extra[:5]}{' ...' if len(extra) > 5 else ''}"
-                         " that a Llama/Mistral model does not have; is this another architecture?")
+                         " that a Llama/Mistral/Mixtral model does not have; is this another "
+                         "architecture?")
     return pure
+
+
+def _assemble(tensors: dict[tuple[int, ...], jax.Array], stacked: tuple[int, ...]) -> jax.Array:
+    """Stack slices keyed by their index (layer, expert) into one [*stacked, ...] array."""
+    if not stacked:
+        return tensors[()]
+    return jnp.stack([_assemble({k[1:]: v for k, v in tensors.items() if k[0] == n}, stacked[1:])
+                      for n in range(stacked[0])])
 
 
 def load(path: str | Path, *, mesh: jax.sharding.Mesh | None = None, **overrides) -> Transformer:

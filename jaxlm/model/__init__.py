@@ -6,7 +6,7 @@ Dimension letters, used in every einsum string, shape comment and sharding name:
     D model width      N query heads       K kv heads
     G query heads per kv head (N = K * G)  H head dim
     F MLP hidden       E experts           C expert capacity
-    V vocabulary       L layers
+    R experts chosen per token (top-k)     V vocabulary       L layers
 
 Logical axis names carried by parameters and activations (mapped to mesh axes by the one table in
 `jaxlm.sharding`): layers, vocab, embed, heads, kv_heads, head_dim, mlp, norm, expert,

@@ -89,7 +89,8 @@ class MoE(nnx.Module):
 
     def __init__(self, cfg: ModelConfig, *, layers: int | None = None, rngs: nnx.Rngs):
         if cfg.moe is None:
-            raise ValueError("MoE layer built from a ModelConfig without `moe` (set ModelConfig.moe)")
+            raise ValueError("MoE layer built from a ModelConfig without `moe`; set "
+                             "ModelConfig.moe to a MoEConfig")
         self.cfg = cfg
         d, f, e = cfg.d_model, cfg.ffn_hidden, cfg.moe.n_experts
         self.router = make_param(rngs, (d, e), ("embed", None), cfg, layers=layers)

@@ -20,7 +20,7 @@ Expert parallelism. With a mesh in context the expert FFN runs inside `jax.shard
   reduce-scattered back to the tokens' owners (psum_scatter). Communication is n× that of an
   all-to-all; the compute is the same.
 Where the batch is too small to be split over the expert axis (batch-1 decode) tokens stay
-replicated: each device computes its experts' share and the shares are summed / gathered.
+replicated: each device computes its experts' share and the shares are summed.
 
 Shapes: x [B, T, D]; experts [B, T, R] int, the R = top_k chosen experts per token; gates
 [B, T, R] float32 (0 for padding); valid [B, T] bool (False = padding, never dispatched).
@@ -125,11 +125,14 @@ def _capacity_experts(expert_in: jax.Array, w: ExpertWeights) -> jax.Array:
             xe = jax.lax.all_to_all(xe, ex, split_axis=0, concat_axis=1, tiled=True)
             out = plan.reduce_mlp(swiglu_experts(xe, w_local))
             return jax.lax.all_to_all(out, ex, split_axis=1, concat_axis=0, tiled=True)
-        # Tokens replicated over the expert axis: compute our experts' slots, gather the rest.
-        e_local = gate.shape[0]
-        mine = jax.lax.dynamic_slice_in_dim(xe, jax.lax.axis_index(ex) * e_local, e_local, 0)
+        # Tokens replicated over the expert axis: compute our experts' slots and sum the
+        # zero-padded shares (a psum, unlike all_gather, types as replicated for shard_map).
+        first = jax.lax.axis_index(ex) * gate.shape[0]
+        xe = jax.lax.pcast(xe, ex, to="varying")  # see _plan
+        mine = jax.lax.dynamic_slice_in_dim(xe, first, gate.shape[0], 0)
         out = plan.reduce_mlp(swiglu_experts(mine, w_local))
-        return jax.lax.all_gather(out, ex, axis=0, tiled=True)
+        padded = jax.lax.dynamic_update_slice_in_dim(jnp.zeros_like(xe), out, first, 0)
+        return jax.lax.psum(padded, ex)
 
     spec = P(None, plan.batch, None, None)
     return jax.shard_map(local, mesh=plan.mesh, in_specs=(spec, *plan.weight_specs),
@@ -137,7 +140,8 @@ def _capacity_experts(expert_in: jax.Array, w: ExpertWeights) -> jax.Array:
 
 
 # Dropless path ----------------------------------------------------------------------------------
-def grouped_swiglu(x: jax.Array, experts: jax.Array, gates: jax.Array, w: ExpertWeights) -> jax.Array:
+def grouped_swiglu(x: jax.Array, experts: jax.Array, gates: jax.Array,
+                   w: ExpertWeights) -> jax.Array:
     """Grouped-matmul experts (MegaBlocks): x [B, T, D], experts/gates [B, T, R] -> [B, T, D].
 
     Expert ids outside [0, E) (E = w.gate.shape[0]) mark assignments handled elsewhere: they sort
@@ -145,14 +149,15 @@ def grouped_swiglu(x: jax.Array, experts: jax.Array, gates: jax.Array, w: Expert
     """
     b, t, d = x.shape
     r, n_groups = experts.shape[-1], w.gate.shape[0]
-    flat = experts.reshape(-1)                                  # [B·T·R]
+    ours = (experts >= 0) & (experts < n_groups)
+    flat = jnp.where(ours, experts, n_groups).reshape(-1)      # [B·T·R]; not ours -> E (last)
     order = jnp.argsort(flat, stable=True)                      # assignments grouped by expert
-    sizes = jnp.bincount(flat, length=n_groups)                 # [E]; ids >= E are not counted
+    sizes = jnp.bincount(flat, length=n_groups)                 # [E]; id E is not counted
     xs = x.reshape(b * t, d)[order // r]                        # [B·T·R, D]
-    hidden = jax.nn.silu(jax.lax.ragged_dot(xs, w.gate, sizes)) * jax.lax.ragged_dot(xs, w.up, sizes)
+    gate = jax.lax.ragged_dot(xs, w.gate, sizes)                # [B·T·R, F]
+    hidden = jax.nn.silu(gate) * jax.lax.ragged_dot(xs, w.up, sizes)
     ys = jax.lax.ragged_dot(hidden, w.down, sizes)              # [B·T·R, D]
     ys = ys[jnp.argsort(order)].reshape(b, t, r, d)             # back to token order
-    ours = (experts >= 0) & (experts < n_groups)
     ys = jnp.where(ours[..., None], ys, 0)                      # rows outside every group
     return jnp.einsum("BTRD,BTR->BTD", ys, gates.astype(x.dtype))
 
@@ -180,6 +185,8 @@ def dropless_dispatch(x: jax.Array, experts: jax.Array, gates: jax.Array, valid:
             # run our experts on them, reduce-scatter the partial outputs to their owners.
             x, experts, gates = (jax.lax.all_gather(a, ex, axis=0, tiled=True)
                                  for a in (x, experts, gates))
+        else:
+            x, gates = (jax.lax.pcast(a, ex, to="varying") for a in (x, gates))  # see _plan
         out = plan.reduce_mlp(grouped_swiglu(x, experts - first, gates, w_local))
         if plan.tokens_split:
             return jax.lax.psum_scatter(out, ex, scatter_dimension=0, tiled=True)
@@ -210,7 +217,13 @@ def _axes(entry) -> tuple[str, ...]:
 
 
 def _plan(batch: int, w: ExpertWeights) -> _Plan | None:
-    """How to run the experts on the mesh in context (None: no mesh, plain GSPMD code)."""
+    """How to run the experts on the mesh in context (None: no mesh, plain GSPMD code).
+
+    When tokens are replicated over the expert axis, the shard_map bodies `pcast` them to
+    varying before indexing them with per-device (expert-shard) indices: left to the implicit
+    cast, the gradient of the replicated tokens came out wrong (jax 0.10.2, XLA:CPU; see
+    tests/test_moe_sharding.py::test_tokens_replicated_over_the_expert_axis).
+    """
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
         return None

@@ -156,10 +156,12 @@ def _tokenizer(c: dict, workdir: Path, seed: int):
     t = c["tokenizer"]
     path = Path(t["path"]) if t["path"] else workdir / "tokenizer" / "tokenizer.model"
     if not path.is_file():
-        if not (t["train_if_missing"] and not t["path"] and source in ("stdlib",) or
-                t["train_if_missing"] and not t["path"] and source.startswith("local:")):
-            raise FileNotFoundError(f"config.tokenizer.path: {path} does not exist; point it at a "
-                                    "SentencePiece .model or set tokenizer.train_if_missing")
+        trainable = source == "stdlib" or source.startswith("local:")
+        if not (t["train_if_missing"] and not t["path"] and trainable):
+            raise FileNotFoundError(
+                f"config.tokenizer.path: {path} does not exist; point it at a SentencePiece .model"
+                + ("" if trainable else f" (a tokenizer is only trained on stdlib / local: text, "
+                   f"not on {source})"))
         corpus = "stdlib" if source == "stdlib" else source[len("local:"):]
         if jax.process_index() == 0:
             log.info("training a %d-piece tokenizer on %s -> %s", t["vocab_size"], corpus, path.parent)
