@@ -3,7 +3,8 @@
     python experiments/pretrain.py --workdir runs/tiny --config=experiments/configs/pretrain.py:tiny \
         --config.train.steps=200 --config.checkpoint.every_steps=50
 
-Presets: tiny (CPU demo, 10.5M parameters), test (seconds, synthetic data), llama2_7b, llama2_70b,
+Presets: tiny (CPU demo, 10.5M parameters), tiny_moe (its active size, 8 experts top-2), test and
+test_moe (seconds, synthetic data), llama2_7b, llama2_70b,
 mistral_7b (TPU pod shapes: Llama 2 §2.2 recipe, 4M-token batches, mesh per preset).
 """
 from ml_collections import ConfigDict
@@ -57,8 +58,12 @@ def get_config(preset: str = "tiny") -> ConfigDict:
                        log_every=5, eval_every=50)
         c.optim.update(peak_lr=2e-3, warmup_steps=20)
         c.checkpoint.update(every_steps=50)
-    elif preset == "test":
-        c.model.preset = "test"
+    elif preset == "tiny_moe":
+        # tiny's active size with 8 experts (top-2, capacity dispatch: the fast path on CPU).
+        c = get_config("tiny")
+        c.model.preset = "tiny_moe"
+    elif preset in ("test", "test_moe"):
+        c.model.preset = preset
         c.data.source = "synthetic"
         c.train.update(steps=20, seq_len=32, global_batch_tokens=8 * 32, micro_batch_per_device=1,
                        log_every=1, eval_every=10, eval_batches=2, sample_prompt="")

@@ -112,3 +112,25 @@ def test_bad_config_is_one_clear_error(tmp_path):
     run = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ})
     assert run.returncode == 2 and "config.train.seq_len must be >= 1" in run.stderr
     assert "Traceback" not in run.stderr
+
+
+def test_moe_training_logs_aux_losses_and_expert_load(tmp_path):
+    """The trainer adds the MoE auxiliary loss and logs it with the expert-load spread."""
+    import ml_collections  # noqa: F401  (config module needs it)
+    import importlib.util
+
+    from jaxlm.train.trainer import train
+
+    spec = importlib.util.spec_from_file_location("pretrain_cfg", CONFIG.split(":")[0])
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config("test_moe")
+    config.train.steps = 4
+    config.train.log_every = 1
+    summary = train(config, tmp_path)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    logged = [r for r in rows if "loss" in r]
+    assert summary["completed"] and len(logged) == 4
+    for r in logged:
+        assert r["aux/aux_loss"] > 0 and r["aux/load_balance"] >= 0.99  # 1.0 when balanced
+        assert 0 <= r["aux/expert_load_min"] <= r["aux/expert_load_max"] <= 1
