@@ -17,7 +17,7 @@ $(STAMP): setup.py
 install: $(STAMP)
 
 test: install  ## fast suite (< 10 min on 2 CPU cores)
-	$(PY) -m pytest -m "not slow" -q
+	$(PY) -m pytest -m "not slow" -q --durations=15
 
 test-slow: install  ## only the slow tests
 	$(PY) -m pytest -m slow -q

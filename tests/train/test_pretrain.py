@@ -11,6 +11,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from jaxlm.train.checkpointing import Checkpoints, abstract_like
 
@@ -49,6 +50,7 @@ def checkpoint_steps(workdir):
     return sorted(int(p.name) for p in d.iterdir() if p.name.isdigit()) if d.is_dir() else []
 
 
+@pytest.mark.slow  # four trainer processes: ~2.5 min on 2 cores; `make test-slow`
 def test_preemption_and_kill_then_resume_match_an_uninterrupted_run(tmp_path):
     base = tmp_path / "uninterrupted"
     run = start(base)
@@ -114,6 +116,7 @@ def test_bad_config_is_one_clear_error(tmp_path):
     assert "Traceback" not in run.stderr
 
 
+@pytest.mark.slow  # ~50 s: compiles a MoE train step; `make test-slow`
 def test_moe_training_logs_aux_losses_and_expert_load(tmp_path):
     """The trainer adds the MoE auxiliary loss and logs it with the expert-load spread."""
     import ml_collections  # noqa: F401  (config module needs it)
