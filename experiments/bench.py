@@ -101,11 +101,13 @@ class Setup:
         return self._ours
 
 
-def forward_flops(cfg, tokens: int, context: int) -> float:
-    """Forward FLOPs: 2·(non-embedding params + head) per token + attention (QK and PV)."""
-    n = cfg.param_count() - cfg.vocab_size * cfg.d_model
+def forward_flops(cfg, tokens: int, context: int, head_tokens: int | None = None) -> float:
+    """Forward FLOPs: 2·(non-embedding params) per token + attention (QK and PV), with the output
+    head counted for `head_tokens` only (prefill computes logits for the last token alone)."""
+    head = cfg.vocab_size * cfg.d_model
+    n = cfg.param_count() - head - (0 if cfg.tie_embeddings else head)
     attn = 4 * cfg.n_layers * cfg.n_heads * cfg.head_dim * min(context, cfg.sliding_window or context)
-    return tokens * (2 * n + attn)
+    return tokens * (2 * n + attn) + 2 * head * (tokens if head_tokens is None else head_tokens)
 
 
 def bench_decode(setup: Setup, peak: float) -> list[dict]:
@@ -149,7 +151,7 @@ def bench_prefill(setup: Setup, peak: float) -> list[dict]:
     ours = setup.ours()
     t = median_time(lambda: generate(ours, prompt.tolist(), max_new_tokens=1), setup.args.repeats)
     row = {"benchmark": f"prefill T={t_len}", "tokens_per_s": t_len / t,
-           "mfu": forward_flops(setup.cfg, t_len, t_len // 2) / t / peak}
+           "mfu": forward_flops(setup.cfg, t_len, t_len // 2, head_tokens=1) / t / peak}
     if setup.args.vs == "hf":
         ids = torch.tensor(prompt)
 
