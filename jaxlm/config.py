@@ -129,12 +129,17 @@ class MoEConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], *, source: str = "config") -> "MoEConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"{source}: unknown MoEConfig field(s) {unknown}; "
-                             f"valid fields are {sorted(names)}")
-        return cls(**d)
+        return _from_dict(cls, d, source)
+
+
+def _from_dict(cls, d: dict[str, Any], source: str):
+    """cls(**d), with one clear error naming any field the dataclass does not have."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise ValueError(f"{source}: unknown {cls.__name__} field(s) {unknown}; "
+                         f"valid fields are {sorted(names)}")
+    return cls(**d)
 
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -272,12 +277,7 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], *, source: str = "config") -> "ModelConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"{source}: unknown ModelConfig field(s) {unknown}; "
-                             f"valid fields are {sorted(names)}")
-        return cls(**d)
+        return _from_dict(cls, d, source)
 
     def replace(self, **changes) -> "ModelConfig":
         return ModelConfig.from_dict({**self.to_dict(), **changes}, source="replace()")

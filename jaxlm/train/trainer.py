@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import shutil
 import signal
 import sys
 import time
@@ -243,13 +244,9 @@ def _finish(exp: Experiment, workdir: Path, summary: dict) -> None:
     model = nnx.merge(exp.graphdef_for_export(), jax.device_get(state.params))
     model_dir = workdir / "model"
     if model_dir.exists():
-        import shutil
-
         shutil.rmtree(model_dir)
     save_model(model_dir, model)
     if exp.tokenizer_path is not None:
-        import shutil
-
         shutil.copy(exp.tokenizer_path, model_dir / "tokenizer.model")
     summary["model_dir"] = str(model_dir)
     entropy = exp.unigram_entropy()
