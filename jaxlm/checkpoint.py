@@ -53,7 +53,34 @@ def load_model(directory: str | Path, *, mesh: jax.sharding.Mesh | None = None) 
                                 abstract, shardings)
     target = nnx.to_pure_dict(nnx.state(nnx.merge(graphdef, abstract), nnx.Param))
     with ocp.StandardCheckpointer() as ckptr:
+        check_saved_shapes(ckptr, directory, target)
         params = ckptr.restore(directory / "params", target)
     state = nnx.state(nnx.merge(graphdef, abstract))
     nnx.replace_by_pure_dict(state, params)
     return nnx.merge(graphdef, state)
+
+
+def check_saved_shapes(ckptr: ocp.StandardCheckpointer, directory: Path, target: dict) -> None:
+    """Compare the saved arrays' shapes (orbax metadata, nothing read) with those config.json
+    implies, so a mismatch is one clear error naming the parameter instead of an orbax trace."""
+    saved = ckptr.metadata(directory / "params").item_metadata.tree
+    want = {".".join(map(str, k)): v.shape for k, v in _flat(target)}
+    got = {".".join(map(str, k)): tuple(v.shape) for k, v in _flat(saved)}
+    for name in sorted(want.keys() | got.keys()):
+        if want.get(name) != got.get(name):
+            raise ValueError(
+                f"{directory}: parameter {name} is {_describe(got.get(name))} in params/ but "
+                f"config.json implies {_describe(want.get(name))}; the checkpoint does not match "
+                "its config.json")
+
+
+def _flat(tree: dict, prefix: tuple = ()):
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            yield from _flat(value, prefix + (key,))
+        else:
+            yield prefix + (key,), value
+
+
+def _describe(shape) -> str:
+    return "absent" if shape is None else f"shape {list(shape)}"

@@ -1,4 +1,5 @@
-"""CLI: python -m jaxlm.convert import-hf --src HF_DIR --dst CKPT_DIR"""
+"""CLI: python -m jaxlm.convert import-hf --src HF_DIR --dst CKPT_DIR
+       python -m jaxlm.convert export-hf --src CKPT_DIR --dst HF_DIR"""
 from __future__ import annotations
 
 import argparse
@@ -23,7 +24,34 @@ def _parser() -> argparse.ArgumentParser:
                      help="storage dtype (default: the checkpoint's own dtype if bf16/f32)")
     imp.add_argument("--overwrite", action="store_true",
                      help="replace DST if it already holds a model")
+    exp = sub.add_parser(
+        "export-hf", help="jaxlm model directory -> HF directory for transformers / vLLM",
+        description="Write a Hugging Face directory (config.json, model.safetensors or shards + "
+                    "index, generation_config.json, SentencePiece tokenizer files) from a jaxlm "
+                    "model directory (WORKDIR/model from the trainer, or an import-hf output). "
+                    "Dense models without a sliding window export as LlamaForCausalLM, with one "
+                    "as MistralForCausalLM, MoE models as MixtralForCausalLM.")
+    exp.add_argument("--src", required=True, help="jaxlm model directory (config.json + params/)")
+    exp.add_argument("--dst", required=True, help="output Hugging Face directory")
+    exp.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
+                     help="tensor dtype on disk (default: the model's param_dtype)")
+    exp.add_argument("--max_shard_size", default="5GB", type=_size,
+                     help="split model.safetensors into shards of at most this size, with an "
+                          "index (e.g. 5GB, 500MB; default 5GB, as transformers)")
+    exp.add_argument("--overwrite", action="store_true",
+                     help="replace DST if it exists and is not empty")
     return p
+
+
+def _size(text: str) -> int:
+    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "B": 1}
+    t = text.strip().upper()
+    for unit, scale in units.items():
+        if t.endswith(unit) and t[:-len(unit)].strip().replace(".", "", 1).isdigit():
+            return int(float(t[:-len(unit)]) * scale)
+    if t.isdigit():
+        return int(t)
+    raise argparse.ArgumentTypeError(f"{text!r} is not a size; write e.g. 5GB, 500MB or 2000000")
 
 
 def import_hf(src: str, dst: str, param_dtype: str | None = None, overwrite: bool = False) -> Path:
@@ -52,6 +80,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "import-hf":
             import_hf(args.src, args.dst, args.param_dtype, args.overwrite)
+        elif args.command == "export-hf":
+            from jaxlm.convert.export import export_hf
+            start = time.perf_counter()
+            out = export_hf(args.src, args.dst, dtype=args.dtype, overwrite=args.overwrite,
+                            max_shard_bytes=args.max_shard_size)
+            print(f"exported {args.src} -> {out} ({time.perf_counter() - start:.1f}s); load with "
+                  f"transformers.AutoModelForCausalLM.from_pretrained({str(out)!r}) or "
+                  f"`vllm serve {out}`")
     except (ValueError, FileNotFoundError, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
