@@ -105,10 +105,13 @@ def _generate(graphdef, state, tokens, lengths, rng, *, chunk, max_new, sampling
         step, _, _, _, done, _, _ = carry
         return (step < max_new) & ~jnp.all(done)
 
+    groups = model.layer_groups()  # sliced once, outside the loop (see Transformer.layer_groups)
+
     def body(carry):
         step, cache, token, out, done, rng, logits_buf = carry
         positions = (lengths + step - 1)[:, None]                         # of `token`
-        logits, cache = model(token[:, None], positions, cache=cache)
+        hidden, cache = model.hidden(token[:, None], positions, cache=cache, layer_groups=groups)
+        logits = model.logits(hidden)
         rng, key = jax.random.split(rng)
         nxt = jnp.where(done, fill, sample(logits[:, 0], key, sampling))
         out = out.at[:, step].set(nxt)

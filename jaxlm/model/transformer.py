@@ -127,14 +127,44 @@ class Transformer(nnx.Module):
         return self.logits(x), aux
 
     def hidden(self, tokens: jax.Array, positions: jax.Array | None = None,
-               segment_ids: jax.Array | None = None, cache: KVCache | None = None):
-        """The final hidden states [B, T, D] before norm and head, and the updated cache (or None)."""
+               segment_ids: jax.Array | None = None, cache: KVCache | None = None,
+               layer_groups: list[dict] | None = None):
+        """The final hidden states [B, T, D] before norm and head, and the updated cache (or None).
+
+        layer_groups: `self.layer_groups()` computed once outside a decode loop: the layers then
+        run unrolled on those arrays instead of scanning the stacked parameters.
+        """
         x, cache, _ = self._stack(tokens, positions, segment_ids, cache,
-                                  MoEMode(cached=cache is not None), None)
+                                  MoEMode(cached=cache is not None), None, layer_groups)
         return x, cache
 
+    def _group_params(self):
+        """(graphdef of a stack block, graphdef of a dense block or None, {"last": [G, ...],
+        "dense": [G, every-1, ...]}): the stacked layer parameters, one leading entry per group."""
+        groups = len(layer_stacks(self.cfg)["layers"])
+        graphdef, last = nnx.split(self.layers)
+        if groups == self.cfg.n_layers:
+            return graphdef, None, {"last": last}
+        dense_def, dense = nnx.split(self.dense_layers)
+        every = self.cfg.n_layers // groups
+        dense = jax.tree.map(lambda a: a.reshape(groups, every - 1, *a.shape[1:]), dense)
+        return graphdef, dense_def, {"last": last, "dense": dense}
+
+    def layer_groups(self) -> list[dict]:
+        """The layer parameters sliced per group into separate arrays, for `hidden(...,
+        layer_groups=)`.
+
+        Decode calls the model once per token inside a while_loop. There, slicing a layer out of a
+        stacked [L, ...] parameter (what the scan does) makes XLA on CPU copy the slice before
+        every matrix-vector product, every token; measured on the bench config, b=1, the layer
+        stack ran 3-4x slower than on separate arrays. generate() slices once, before the loop.
+        """
+        params = self._group_params()[2]
+        groups = len(layer_stacks(self.cfg)["layers"])
+        return [jax.tree.map(lambda a: a[g], params) for g in range(groups)]
+
     def _stack(self, tokens, positions, segment_ids, cache: KVCache | None, mode: MoEMode,
-               rng: jax.Array | None):
+               rng: jax.Array | None, layer_groups: list[dict] | None = None):
         """Embed and run the scanned layers: (hidden [B, T, D], new cache or None, aux)."""
         self._check_tokens(tokens)
         b, t = tokens.shape
@@ -151,11 +181,8 @@ class Transformer(nnx.Module):
         # the block of `self.layers` (the MoE block of an MoE model). Stacks are [G, ...].
         groups = len(layer_stacks(self.cfg)["layers"])
         every = self.cfg.n_layers // groups
-        graphdef, last = nnx.split(self.layers)
-        xs = {"last": last, "index": jnp.arange(groups)}
-        if every > 1:
-            dense_def, dense = nnx.split(self.dense_layers)
-            xs["dense"] = jax.tree.map(lambda a: a.reshape(groups, every - 1, *a.shape[1:]), dense)
+        graphdef, dense_def, params = self._group_params()
+        xs = {**params, "index": jnp.arange(groups)}
         if cache is not None:  # [L, ...] in layer order -> [G, every, ...]
             xs["k"], xs["v"] = (c.reshape(groups, every, *c.shape[1:]) for c in (cache.k, cache.v))
 
@@ -176,8 +203,18 @@ class Transformer(nnx.Module):
 
         if self.cfg.remat is not Remat.NONE:
             body = jax.checkpoint(body, policy=REMAT_POLICIES[self.cfg.remat], prevent_cse=False)
-        # lax.scan traces one group: compile time stays flat in depth.
-        x, (kv, aux) = jax.lax.scan(body, x, xs)
+        if layer_groups is None:
+            # lax.scan traces one group: compile time stays flat in depth.
+            x, (kv, aux) = jax.lax.scan(body, x, xs)
+        else:  # unrolled over pre-sliced weights (see layer_groups)
+            outs = []
+            for g, group in enumerate(layer_groups):
+                xs_g = {**group, "index": jnp.int32(g)}
+                if cache is not None:
+                    xs_g["k"], xs_g["v"] = xs["k"][g], xs["v"][g]
+                x, out = body(x, xs_g)
+                outs.append(out)
+            kv, aux = jax.tree.map(lambda *a: jnp.stack(a), *outs)
         aux = {name: jnp.mean(value, axis=0) for name, value in aux.items()}  # over MoE layers
         if cache is None:
             return x, None, aux
