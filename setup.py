@@ -30,7 +30,10 @@ setup(
     install_requires=INSTALL_REQUIRES,
     extras_require={
         # torch 2.13.0 is the CPU build; transformers is the independent reference in tests.
-        "test": ["pytest>=8", "torch==2.13.0", "transformers>=5.0,<6", "safetensors>=0.8.0"],
-        "tpu": ["jax[tpu]>=0.10.2,<0.11"],
+        "test": ["pytest>=8", "torch==2.13.0", "transformers>=5.0,<6", "safetensors>=0.8.0",
+                 # the Colab notebook runs top to bottom in the tests
+                 "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29"],
+        # gcsfs: a gs:// --workdir / model directory (etils.epath reaches buckets through fsspec)
+        "tpu": ["jax[tpu]>=0.10.2,<0.11", "gcsfs>=2026.4.0"],
     },
 )
