@@ -16,7 +16,6 @@ import json
 import os
 import sys
 import time
-from pathlib import Path
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
@@ -52,16 +51,17 @@ def main(argv=None) -> int:
 
 def load(args):
     from jaxlm.checkpoint import load_model
+    from jaxlm.paths import as_path, local_copy
     from jaxlm.tokenizer import Tokenizer
 
     model = load_model(args.checkpoint)
     tokenizer = None
-    tok_path = Path(args.tokenizer) if args.tokenizer else Path(args.checkpoint) / "tokenizer.model"
+    tok_path = as_path(args.tokenizer or as_path(args.checkpoint) / "tokenizer.model")
     if args.tokenizer or args.prompt_ids is None:
         if not tok_path.is_file():
             raise FileNotFoundError(f"{tok_path}: no tokenizer; pass --tokenizer PATH "
                                     "(or use --prompt_ids)")
-        tokenizer = Tokenizer(tok_path)
+        tokenizer = Tokenizer(local_copy(tok_path))  # SentencePiece reads local files only
     return model, tokenizer
 
 

@@ -7,6 +7,7 @@
 Running the same command again resumes from the latest checkpoint in WORKDIR/checkpoints.
 SIGTERM (preemption) saves a checkpoint and exits 0. Outputs in WORKDIR: metrics.jsonl,
 tensorboard/, loss.png, config.json, checkpoints/, model/ (for experiments/generate.py).
+WORKDIR is a local directory or a bucket, gs://BUCKET/RUN (on a TPU pod, shared by all hosts).
 """
 import logging
 import os
@@ -18,7 +19,8 @@ from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("workdir", None, "directory for checkpoints, metrics and the final model", required=True)
+flags.DEFINE_string("workdir", None, "directory for checkpoints, metrics and the final model: "
+                    "local or gs://BUCKET/RUN", required=True)
 config_flags.DEFINE_config_file("config", None, "experiment config file and preset, e.g. "
                                 "experiments/configs/pretrain.py:tiny", lock_config=True)
 

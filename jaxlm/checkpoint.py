@@ -1,26 +1,29 @@
 """A model on disk: DIR/config.json (the ModelConfig) + DIR/params (an orbax checkpoint).
 
-Written by `python -m jaxlm.convert import-hf`, read by inference and fine-tuning entry points.
+Written by `python -m jaxlm.convert import-hf` and the trainer, read by inference and fine-tuning
+entry points. DIR may be local or a bucket URL (gs://BUCKET/RUN/model): paths are epath.Paths.
 """
 from __future__ import annotations
 
 import json
-from pathlib import Path
+import os
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 from flax import nnx
 
 from jaxlm.config import ModelConfig
 from jaxlm.model import Transformer
+from jaxlm.paths import as_path
 from jaxlm.sharding import state_shardings
 
 FORMAT = "jaxlm-model-v1"
 
 
-def save_model(directory: str | Path, model: Transformer) -> Path:
+def save_model(directory: str | os.PathLike, model: Transformer) -> epath.Path:
     """Write config.json and params/ under `directory` (created; must not hold params already)."""
-    directory = Path(directory).absolute()
+    directory = as_path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     with ocp.StandardCheckpointer() as ckptr:
@@ -31,8 +34,8 @@ def save_model(directory: str | Path, model: Transformer) -> Path:
     return directory
 
 
-def read_model_config(directory: str | Path) -> ModelConfig:
-    file = Path(directory) / "config.json"
+def read_model_config(directory: str | os.PathLike) -> ModelConfig:
+    file = as_path(directory) / "config.json"
     if not file.is_file():
         raise FileNotFoundError(f"{file}: not a jaxlm model directory (expected config.json and "
                                 "params/ as written by `python -m jaxlm.convert import-hf`)")
@@ -42,9 +45,9 @@ def read_model_config(directory: str | Path) -> ModelConfig:
     return ModelConfig.from_dict(meta["model"], source=str(file))
 
 
-def load_model(directory: str | Path, *, mesh: jax.sharding.Mesh | None = None) -> Transformer:
+def load_model(directory: str | os.PathLike, *, mesh: jax.sharding.Mesh | None = None) -> Transformer:
     """Restore a model saved by save_model, each parameter directly into its sharding on `mesh`."""
-    directory = Path(directory).absolute()
+    directory = as_path(directory)
     cfg = read_model_config(directory)
     graphdef, abstract = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
     if mesh is not None:
@@ -60,7 +63,7 @@ def load_model(directory: str | Path, *, mesh: jax.sharding.Mesh | None = None) 
     return nnx.merge(graphdef, state)
 
 
-def check_saved_shapes(ckptr: ocp.StandardCheckpointer, directory: Path, target: dict) -> None:
+def check_saved_shapes(ckptr: ocp.StandardCheckpointer, directory: epath.Path, target: dict) -> None:
     """Compare the saved arrays' shapes (orbax metadata, nothing read) with those config.json
     implies, so a mismatch is one clear error naming the parameter instead of an orbax trace."""
     saved = ckptr.metadata(directory / "params").item_metadata.tree

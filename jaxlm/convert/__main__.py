@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -58,17 +57,19 @@ def import_hf(src: str, dst: str, param_dtype: str | None = None, overwrite: boo
     from jaxlm.checkpoint import save_model
     from jaxlm.convert import hf
 
-    dst_path = Path(dst)
+    from jaxlm.paths import as_path
+
+    dst_path = as_path(dst)  # local, or a bucket URL (gs://...)
     if dst_path.exists() and any(dst_path.iterdir()) and not overwrite:
         raise FileExistsError(f"{dst}: exists and is not empty; choose another --dst or pass --overwrite")
     overrides = {"param_dtype": param_dtype} if param_dtype else {}
     start = time.perf_counter()
     model = hf.load(src, **overrides)
     if overwrite and dst_path.exists():
-        shutil.rmtree(dst_path)
+        dst_path.rmtree()
     out = save_model(dst_path, model)
     if (Path(src) / "tokenizer.model").is_file():  # Meta / HF Llama dirs ship the SentencePiece model
-        shutil.copy(Path(src) / "tokenizer.model", out / "tokenizer.model")
+        as_path(Path(src) / "tokenizer.model").copy(out / "tokenizer.model", overwrite=True)
     n = model.cfg.param_count()
     print(f"imported {n / 1e6:.1f}M parameters from {src} -> {out} "
           f"({time.perf_counter() - start:.1f}s)")

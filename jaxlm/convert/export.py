@@ -104,7 +104,13 @@ def export_hf(src: str | Path, dst: str | Path, *, dtype: str | None = None,
               progress: bool = True) -> Path:
     """Write the HF directory `dst` from the jaxlm model directory `src` (see module docstring)."""
     from jaxlm.checkpoint import load_model, read_model_config
+    from jaxlm.paths import is_remote
 
+    for flag, path in (("--src", src), ("--dst", dst)):
+        if is_remote(path):  # the tokenizer is read and the export renamed into place locally
+            raise ValueError(f"{flag} {path}: export-hf reads and writes local directories only; "
+                             f"copy the model down first (gcloud storage cp -r SRC .) and the "
+                             f"export up after (gcloud storage cp -r DST gs://...)")
     src, dst = Path(src), Path(dst)
     if dst.exists() and (not dst.is_dir() or any(dst.iterdir())) and not overwrite:
         raise FileExistsError(f"{dst}: exists and is not empty; choose another --dst or pass "

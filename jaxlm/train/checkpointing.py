@@ -4,18 +4,20 @@ state and the resolved config. Restoring falls back to an older step if the late
 from __future__ import annotations
 
 import logging
-from pathlib import Path
+import os
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
 
+from jaxlm.paths import as_path
+
 log = logging.getLogger("jaxlm.train")
 
 
 class Checkpoints:
-    def __init__(self, directory: str | Path, *, keep: int = 3, async_save: bool = True):
-        self.directory = Path(directory).absolute()
+    def __init__(self, directory: str | os.PathLike, *, keep: int = 3, async_save: bool = True):
+        self.directory = as_path(directory)  # local, or gs:// (orbax writes buckets itself)
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                                enable_async_checkpointing=async_save)
         self.manager = ocp.CheckpointManager(self.directory, options=options,

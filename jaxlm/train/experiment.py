@@ -7,19 +7,21 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import os
-from pathlib import Path
+import tempfile
+import warnings
 from typing import Any
 
 import jax
 import numpy as np
+from etils import epath
 from flax import nnx
 
 from jaxlm.config import ModelConfig, get_preset
 from jaxlm.data.batching import BatchPlan, plan_batches
 from jaxlm.data.pipeline import DataConfig, make_pretrain_iterator
 from jaxlm.model import Transformer
+from jaxlm.paths import as_path, is_remote, local_copy
 from jaxlm.sharding import MeshConfig, make_mesh
 from jaxlm.train.optim import OptimConfig, learning_rate
 
@@ -52,13 +54,53 @@ class TrainConfig:
         object.__setattr__(self, "inject_nan_at", tuple(int(s) for s in self.inject_nan_at))
 
 
-def maybe_initialize_distributed() -> None:
-    """jax.distributed.initialize() on a multi-host TPU slice / pod (detected from the
-    environment TPU VMs set); a no-op on a single host or CPU."""
-    hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
-    if "," in hosts or os.environ.get("MEGASCALE_COORDINATOR_ADDRESS") or \
-            os.environ.get("JAX_COORDINATOR_ADDRESS"):
+def maybe_initialize_distributed() -> bool:
+    """jax.distributed.initialize() when this process is one of several (a multi-host TPU slice
+    or pod, a multi-process Slurm / Open MPI job); a no-op on one host or a CPU. Returns whether
+    it initialized.
+
+    Detection, first match wins:
+      JAXLM_DISTRIBUTED=1 / =0        force / skip (an override for unusual launchers)
+      JAX_COORDINATOR_ADDRESS or MEGASCALE_COORDINATOR_ADDRESS set (tpu_scripts/remote/env.sh,
+                                      multislice)
+      the cluster jax.distributed.initialize() itself would detect (jax._src.clusters: a GCE
+      Cloud TPU VM from its metadata server, GKE from TPU_WORKER_HOSTNAMES, Slurm, Open MPI),
+      when it reports more than one process. A single-host TPU VM is such a cluster of one, and
+      is left alone.
+    """
+    override = os.environ.get("JAXLM_DISTRIBUTED", "").strip().lower()
+    if override in ("0", "false", "no", "off"):
+        return False
+    if override in ("1", "true", "yes", "on") or os.environ.get("JAX_COORDINATOR_ADDRESS") or \
+            os.environ.get("MEGASCALE_COORDINATOR_ADDRESS") or _cluster_processes() > 1:
         jax.distributed.initialize()
+        return True
+    return False
+
+
+def _cluster_processes() -> int:
+    """Processes of the cluster jax.distributed.initialize() would auto-detect (the same
+    ClusterEnv, found the same way), 0 if none. Outside a cluster every check is an environment
+    variable; only on a Cloud TPU VM is the metadata server asked."""
+    try:
+        from jax._src import clusters  # private, but exactly what jax.distributed uses
+
+        with warnings.catch_warnings():  # K8sCluster warns in any pod without `kubernetes`
+            warnings.simplefilter("ignore")
+            env = next((e for e in clusters.ClusterEnv._cluster_types
+                        if not e.opt_in_only_method and e.is_env_present()), None)
+    except Exception as e:  # noqa: BLE001  JAX internals moved, metadata server unreachable
+        log.warning("cluster detection failed (%s: %s); on a multi-host slice set "
+                    "JAXLM_DISTRIBUTED=1", type(e).__name__, e)
+        return 0
+    if env is None:
+        return 0
+    try:
+        return env.get_process_count()
+    except Exception as e:  # noqa: BLE001  present but unreadable: let initialize() report it
+        log.warning("%s detected but its process count is unreadable (%s: %s); initializing "
+                    "jax.distributed anyway", env.__name__, type(e).__name__, e)
+        return 2
 
 
 @dataclasses.dataclass
@@ -74,7 +116,7 @@ class Experiment:
     ckpt: dict
     resolved: dict
     tokenizer: Any
-    tokenizer_path: Path | None
+    tokenizer_path: epath.Path | None
 
     @property
     def inject_nan_at(self) -> set[int]:
@@ -109,7 +151,7 @@ class Experiment:
         return float(-(p * np.log(p)).sum())
 
 
-def resolve(config, workdir: Path) -> Experiment:
+def resolve(config, workdir: epath.Path) -> Experiment:
     """Validate the whole experiment before anything compiles; errors name the config field."""
     c = config.to_dict() if hasattr(config, "to_dict") else dict(config)
     train = TrainConfig(**c["train"])
@@ -146,15 +188,16 @@ def _model_class(cfg: ModelConfig) -> type:
     return Transformer
 
 
-def _tokenizer(c: dict, workdir: Path, seed: int):
-    """The experiment's tokenizer: given, found in the workdir, or trained on the data source."""
+def _tokenizer(c: dict, workdir: epath.Path, seed: int):
+    """The experiment's tokenizer: given, found in the workdir, or trained on the data source.
+    Either may be in a bucket: SentencePiece trains and loads local files, copied up / down."""
     source = c["data"]["source"]
     if source == "synthetic":
         return None, None
     from jaxlm.tokenizer import Tokenizer, train_tokenizer
 
     t = c["tokenizer"]
-    path = Path(t["path"]) if t["path"] else workdir / "tokenizer" / "tokenizer.model"
+    path = as_path(t["path"]) if t["path"] else workdir / "tokenizer" / "tokenizer.model"
     if not path.is_file():
         trainable = source == "stdlib" or source.startswith("local:")
         if not (t["train_if_missing"] and not t["path"] and trainable):
@@ -165,5 +208,12 @@ def _tokenizer(c: dict, workdir: Path, seed: int):
         corpus = "stdlib" if source == "stdlib" else source[len("local:"):]
         if jax.process_index() == 0:
             log.info("training a %d-piece tokenizer on %s -> %s", t["vocab_size"], corpus, path.parent)
-        path = train_tokenizer(corpus, path.parent, vocab_size=t["vocab_size"], seed=seed)
-    return Tokenizer(path), path
+        if not is_remote(path):
+            path = as_path(train_tokenizer(corpus, path.parent, vocab_size=t["vocab_size"], seed=seed))
+        else:
+            local = train_tokenizer(corpus, tempfile.mkdtemp(prefix="jaxlm-tokenizer-"),
+                                    vocab_size=t["vocab_size"], seed=seed)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            for f in local.parent.iterdir():  # tokenizer.model and tokenizer.json
+                as_path(f).copy(path.parent / f.name, overwrite=True)
+    return Tokenizer(local_copy(path)), path
