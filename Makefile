@@ -30,7 +30,7 @@ demo: install  ## trains the tiny preset on the embedded corpus (~10 min on 2 CP
 
 bench: install  ## benchmarks vs transformers on the shared bench config (results in bench/)
 	@mkdir -p bench
-	$(PY) experiments/bench.py decode prefill --vs hf --json bench/results.json --plot bench/results.png
+	$(PY) experiments/bench.py train decode prefill moe data --vs hf --json bench/results.json --plot bench/results.png
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

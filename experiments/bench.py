@@ -1,13 +1,24 @@
 """Benchmarks on the shared bench config (experiments/configs/bench.json), optionally side by side
 with Hugging Face transformers on PyTorch in the same process.
 
-    python experiments/bench.py decode prefill --vs hf --json bench.json --plot bench.png
+    python experiments/bench.py train decode prefill moe data --vs hf --json bench/results.json --plot bench/results.png
     python experiments/bench.py decode --batches 1 --new_tokens 64 --repeats 3
+    python experiments/bench.py train --profile /tmp/prof --xla_dump /tmp/hlo   # where the time goes
 
+Sub-benchmarks:
+  train    one optimizer step (the trainer's jitted step: AdamW 0.9/0.95/1e-5, wd 0.1, clip 1.0)
+           vs transformers forward/backward + torch.optim.AdamW with the same hyperparameters
+  decode   greedy generation at each --batches vs transformers' generate
+  prefill  one long prompt (chunked by the sliding window) vs one transformers forward
+  moe      one MoE FFN layer fwd+bwd: dense SwiGLU of equal active FLOPs, capacity, dropless, an
+           expert-count sweep; vs transformers' MixtralSparseMoeBlock
+  data     packed batches from the embedded corpus vs the transformers recipe (fast tokenizer +
+           run_clm.py's concatenate-and-chunk)
 Each number is the median of --repeats timed runs after one untimed warm-up (compilation).
-MFU divides model FLOPs (2·params per token forward, plus attention) by the time and by a peak
-measured in this process (large f32 matmul).
-Sub-benchmarks: decode (greedy generation at each --batches), prefill (one long prompt).
+MFU divides model FLOPs (6·N per trained token, 2·N per generated one, plus attention) by the
+time and by a peak measured in this process (large f32 matmul; the device table on TPU/GPU).
+Output: a Markdown table, --json (one object per row: tokens_per_s, hf_tokens_per_s, ratio, mfu)
+and --plot (bar chart PNG).
 """
 from __future__ import annotations
 
@@ -21,6 +32,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, os.path.dirname(__file__))
 
 BENCH_JSON = Path(__file__).resolve().parent / "configs" / "bench.json"
 
@@ -29,14 +41,34 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("benchmarks", nargs="+", choices=sorted(BENCHMARKS), help="what to run")
     p.add_argument("--vs", choices=["none", "hf"], default="none", help="also time transformers")
+    p.add_argument("--preset", default="bench",
+                   help="model preset (default: bench, the shared bench config; `test` for a smoke run)")
     p.add_argument("--repeats", type=int, default=3, help="timed repetitions (median reported)")
     p.add_argument("--batches", default=None, help="decode batch sizes, e.g. 1,16 (default: bench.json)")
     p.add_argument("--new_tokens", type=int, default=None, help="decode length (default: bench.json)")
     p.add_argument("--prompt_len", type=int, default=None, help="decode prompt length (default: bench.json)")
     p.add_argument("--prefill_len", type=int, default=1024, help="prompt length of the prefill benchmark")
+    p.add_argument("--train_batch", type=int, default=None, help="train rows (default: bench.json)")
+    p.add_argument("--train_seq_len", type=int, default=None, help="train sequence length (default: bench.json)")
+    p.add_argument("--remat", choices=["none", "full", "dots"], default=None,
+                   help="train with this remat policy (default: the preset's)")
+    p.add_argument("--moe_seq_len", type=int, default=256, help="sequence length of the moe benchmark")
+    p.add_argument("--moe_experts", default="4,8,16", help="expert counts of the moe sweep")
+    p.add_argument("--data_batches", type=int, default=20, help="timed batches of the data benchmark")
+    p.add_argument("--profile", default=None, metavar="DIR",
+                   help="after timing, trace one more jaxlm run of each benchmark with "
+                        "jax.profiler into DIR/NAME (open with TensorBoard's profile plugin or Perfetto)")
+    p.add_argument("--xla_dump", default=None, metavar="DIR",
+                   help="dump optimized HLO of every compiled program into DIR (XLA_FLAGS=--xla_dump_to)")
+    p.add_argument("--xla_flags", default="",
+                   help="extra XLA flags for this run, e.g. --xla_cpu_experimental_onednn_fusion_type="
+                        "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT")
     p.add_argument("--json", default=None, help="write results to this JSON file")
     p.add_argument("--plot", default=None, help="write a bar chart PNG of tokens/s")
     return p.parse_args(argv)
+
+
+PROFILE: dict = {"dir": None, "name": None}
 
 
 def median_time(fn, repeats: int) -> float:
@@ -46,14 +78,20 @@ def median_time(fn, repeats: int) -> float:
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
+    if PROFILE["dir"] and PROFILE["name"]:  # one traced run of the first timed function per benchmark
+        import jax
+
+        with jax.profiler.trace(os.path.join(PROFILE["dir"], PROFILE["name"])):
+            fn()
+        PROFILE["name"] = None
     return statistics.median(times)
 
 
 def measured_peak_flops() -> float:
-    """f32 matmul FLOP/s on this machine, measured now (the CPU 'peak' MFU is relative to)."""
-    from jaxlm.train.metrics import measure_matmul_flops
+    """Peak FLOP/s MFU is relative to: the device table on TPU/GPU, else an f32 matmul measured now."""
+    from jaxlm.train.metrics import peak_flops_per_device
 
-    return measure_matmul_flops()
+    return peak_flops_per_device()[0]
 
 
 class Setup:
@@ -64,7 +102,7 @@ class Setup:
 
         spec = json.loads(BENCH_JSON.read_text())
         self.spec, self.args = spec, args
-        self.cfg = get_preset("bench", max_seq_len=4096)
+        self.cfg = get_preset(args.preset, max_seq_len=4096)
         self._hf = self._ours = None
 
     def hf(self):
@@ -72,13 +110,13 @@ class Setup:
             import torch
             import transformers
 
-            m = self.spec["model"]
+            m = self.cfg
             cfg = transformers.MistralConfig(
-                vocab_size=m["vocab_size"], hidden_size=m["d_model"], num_hidden_layers=m["n_layers"],
-                num_attention_heads=m["n_heads"], num_key_value_heads=m["n_kv_heads"],
-                head_dim=m["head_dim"], intermediate_size=m["ffn_hidden"],
-                sliding_window=m["sliding_window"], rope_theta=m["rope_theta"],
-                rms_norm_eps=m["norm_eps"], tie_word_embeddings=m["tie_embeddings"],
+                vocab_size=m.vocab_size, hidden_size=m.d_model, num_hidden_layers=m.n_layers,
+                num_attention_heads=m.n_heads, num_key_value_heads=m.n_kv_heads,
+                head_dim=m.head_dim, intermediate_size=m.ffn_hidden,
+                sliding_window=m.sliding_window, rope_theta=m.rope_theta,
+                rms_norm_eps=m.norm_eps, tie_word_embeddings=m.tie_embeddings,
                 max_position_embeddings=4096)
             torch.manual_seed(0)
             self._hf = transformers.MistralForCausalLM(cfg).eval()
@@ -163,17 +201,194 @@ def bench_prefill(setup: Setup, peak: float) -> list[dict]:
     return [row]
 
 
-BENCHMARKS = {"decode": bench_decode, "prefill": bench_prefill}
+def train_batch(vocab: int, rows: int, seq_len: int, seed: int = 2) -> dict:
+    """A packed-looking batch of random tokens: one document per row, every target trained."""
+    import numpy as np
+
+    tokens = np.random.default_rng(seed).integers(3, vocab, (rows, seq_len + 1)).astype(np.int32)
+    return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
+            "positions": np.broadcast_to(np.arange(seq_len, dtype=np.int32), (rows, seq_len)).copy(),
+            "segment_ids": np.ones((rows, seq_len), np.int32),
+            "loss_mask": np.ones((rows, seq_len), np.float32)}
+
+
+def bench_train(setup: Setup, peak: float) -> list[dict]:
+    """One optimizer step on batch x seq_len tokens: jaxlm's jitted train step (the trainer's) vs
+    transformers forward/backward + torch.optim.AdamW with the same hyperparameters (bench.json)."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from jaxlm.train.metrics import train_flops_per_token
+    from jaxlm.train.optim import OptimConfig, make_optimizer
+    from jaxlm.train.step import init_state, make_train_step
+
+    t = setup.spec["train"]
+    rows, seq_len = setup.args.train_batch or t["batch"], setup.args.train_seq_len or t["seq_len"]
+    optim = OptimConfig(total_steps=1000, peak_lr=3e-4, warmup_steps=0, b1=0.9, b2=0.95,
+                        eps=1e-5, weight_decay=0.1, clip_norm=1.0)
+    model = setup.ours()
+    if setup.args.remat:
+        model = _with_config(model, remat=setup.args.remat)
+    graphdef, params = nnx.split(model, nnx.Param)
+    tx = make_optimizer(optim, params)
+    # Copies: the step donates its state, and later benchmarks reuse the model's own buffers.
+    state = init_state(jax.tree.map(jnp.copy, nnx.to_pure_dict(params)), tx)
+    step = jax.jit(make_train_step(graphdef, tx), donate_argnums=0)
+    batch = jax.device_put(train_batch(setup.cfg.vocab_size, rows, seq_len))
+    holder = [state]
+
+    def run_ours():
+        holder[0], metrics = step(holder[0], batch)
+        jax.block_until_ready(metrics["loss"])
+    t_ours = median_time(run_ours, setup.args.repeats)
+    tokens = rows * seq_len
+    flops = train_flops_per_token(setup.cfg, seq_len) * tokens
+    row = {"benchmark": f"train {rows}x{seq_len}", "tokens_per_s": tokens / t_ours,
+           "mfu": flops / t_ours / peak, "step_s": t_ours}
+    if setup.args.vs == "hf":
+        import torch
+
+        import copy
+
+        hf_model = copy.deepcopy(setup.hf()).train()  # trained here; later benchmarks keep the original
+        opt = torch.optim.AdamW(hf_model.parameters(), lr=3e-4, betas=(0.9, 0.95), eps=1e-5,
+                                weight_decay=0.1)
+        ids = torch.tensor(train_batch(setup.cfg.vocab_size, rows, seq_len)["inputs"], dtype=torch.long)
+
+        def run_hf():
+            opt.zero_grad(set_to_none=True)
+            loss = hf_model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(hf_model.parameters(), 1.0)
+            opt.step()
+        t_hf = median_time(run_hf, setup.args.repeats)
+        row.update(hf_tokens_per_s=tokens / t_hf, ratio=t_hf / t_ours, hf_mfu=flops / t_hf / peak)
+    return [row]
+
+
+def _with_config(model, **changes):
+    """The same weights under a changed ModelConfig (e.g. another remat policy)."""
+    from flax import nnx
+
+    from jaxlm.model import Transformer
+
+    graphdef, state = nnx.split(model)
+    fresh = nnx.eval_shape(lambda: Transformer(model.cfg.replace(**changes), rngs=nnx.Rngs(0)))
+    g2, abstract = nnx.split(fresh)
+    nnx.replace_by_pure_dict(abstract, nnx.to_pure_dict(state))
+    return nnx.merge(g2, abstract)
+
+
+def bench_moe(setup: Setup, peak: float) -> list[dict]:
+    """One MoE FFN layer (bench.json: E experts, top-k, d_model, ffn) trained on batch x seq_len
+    tokens: dense SwiGLU of the same active FLOPs, capacity and dropless dispatch, an expert sweep;
+    with --vs hf, transformers' MixtralSparseMoeBlock of the same shape (forward + backward)."""
+    from moe_bench import bench_moe as moe_rows
+
+    m, t = setup.spec["moe"], setup.spec["train"]
+    rows_, seq_len = setup.args.train_batch or t["batch"], setup.args.moe_seq_len
+    rows = moe_rows(d_model=setup.cfg.d_model, ffn=setup.cfg.ffn_hidden, top_k=m["top_k"],
+                    n_experts=m["n_experts"],
+                    expert_counts=tuple(int(e) for e in setup.args.moe_experts.split(",")), batch=rows_,
+                    seq_len=seq_len, repeats=setup.args.repeats, peak_flops=peak)
+    if setup.args.vs == "hf":
+        import torch
+        import transformers
+
+        cfg = transformers.MixtralConfig(hidden_size=setup.cfg.d_model,
+                                         intermediate_size=setup.cfg.ffn_hidden,
+                                         num_local_experts=m["n_experts"],
+                                         num_experts_per_tok=m["top_k"])
+        torch.manual_seed(0)
+        block = transformers.models.mixtral.modeling_mixtral.MixtralSparseMoeBlock(cfg)
+        x = torch.randn(rows_, seq_len, setup.cfg.d_model)
+
+        def run_hf():
+            block.zero_grad(set_to_none=True)
+            out = block(x)
+            y = out[0] if isinstance(out, tuple) else out
+            y.square().mean().backward()
+        t_hf = median_time(run_hf, setup.args.repeats)
+        for r in rows:
+            if r["dispatch"] == "dropless" and r["n_experts"] == m["n_experts"]:
+                hf_tps = rows_ * seq_len / t_hf
+                r.update(hf_tokens_per_s=hf_tps, ratio=r["tokens_per_s"] / hf_tps)
+    for r in rows:
+        r["benchmark"] = "moe layer: " + r["benchmark"]
+    return rows
+
+
+def bench_data(setup: Setup, peak: float) -> list[dict]:
+    """Packed training batches (bench.json batch x seq_len) from the embedded stdlib corpus with
+    a 32k BPE: jaxlm's grain pipeline vs the transformers recipe (fast tokenizer over the same
+    documents, then run_clm.py's concatenate-and-chunk `group_texts`)."""
+    import numpy as np
+
+    from jaxlm.data.bench import time_pipeline
+    from jaxlm.data.pipeline import DataConfig
+    from jaxlm.tokenizer import Tokenizer
+
+    t = setup.spec["train"]
+    tok_path = _bench_tokenizer(setup.cfg.vocab_size)
+    tokenizer = Tokenizer(tok_path)
+    cfg = DataConfig(source="stdlib", seq_len=t["seq_len"], batch_size=t["batch"], worker_count=0)
+    batches = setup.args.data_batches
+    runs = [time_pipeline(cfg, tokenizer, batches)[1] for _ in range(setup.args.repeats)]
+    ours = sorted(runs)[len(runs) // 2]
+    row = {"benchmark": f"data {t['batch']}x{t['seq_len']}", "tokens_per_s": ours, "mfu": None}
+    if setup.args.vs == "hf":
+        import transformers
+
+        from jaxlm.convert.export import write_tokenizer_files
+        from jaxlm.data.stdlib_corpus import stdlib_files
+
+        with tempfile.TemporaryDirectory() as d:
+            write_tokenizer_files(tok_path, Path(d), max_len=10**9)
+            hf_tok = transformers.AutoTokenizer.from_pretrained(d)
+        need = batches * t["batch"] * t["seq_len"]
+        texts, chars = [], 0
+        for f in stdlib_files():  # about as much text as our timed batches hold (~3.5 chars/token)
+            texts.append(f.read_text(errors="replace"))
+            chars += len(texts[-1])
+            if chars > 4 * need:
+                break
+
+        def run_hf():
+            ids = hf_tok(texts, add_special_tokens=True)["input_ids"]
+            flat = np.fromiter((i for doc in ids for i in doc + [hf_tok.eos_token_id]), np.int32)
+            block = t["seq_len"] + 1
+            n = len(flat) // block
+            rows = flat[: n * block].reshape(n, block)
+            run_hf.tokens = n * t["seq_len"]
+            return rows
+        t_hf = median_time(run_hf, setup.args.repeats)
+        row.update(hf_tokens_per_s=run_hf.tokens / t_hf, ratio=ours / (run_hf.tokens / t_hf))
+    return [row]
+
+
+def _bench_tokenizer(vocab: int) -> Path:
+    """A vocab-size BPE on the stdlib corpus, trained once and kept in bench/tokenizer_{vocab}."""
+    from jaxlm.tokenizer import train_tokenizer
+
+    out = Path(__file__).resolve().parents[1] / "bench" / f"tokenizer_{vocab}"
+    if not (out / "tokenizer.model").is_file():
+        train_tokenizer("stdlib", out, vocab_size=vocab)
+    return out / "tokenizer.model"
+
+
+BENCHMARKS = {"train": bench_train, "decode": bench_decode, "prefill": bench_prefill,
+              "moe": bench_moe, "data": bench_data}
 
 
 def markdown(rows: list[dict], peak: float) -> str:
     lines = [f"measured peak: {peak / 1e9:.0f} GFLOP/s (f32 matmul)", "",
              "| benchmark | jaxlm tokens/s | MFU | transformers tokens/s | jaxlm / transformers |",
              "|---|---:|---:|---:|---:|"]
+    fmt = lambda v, spec, suffix="": "–" if v is None else f"{v:{spec}}{suffix}"
     for r in rows:
-        hf_s = f"{r['hf_tokens_per_s']:,.0f}" if "hf_tokens_per_s" in r else "–"
-        ratio = f"{r['ratio']:.2f}×" if "ratio" in r else "–"
-        lines.append(f"| {r['benchmark']} | {r['tokens_per_s']:,.0f} | {r['mfu']:.1%} | {hf_s} | {ratio} |")
+        lines.append(f"| {r['benchmark']} | {fmt(r['tokens_per_s'], ',.0f')} | {fmt(r['mfu'], '.1%')} "
+                     f"| {fmt(r['hf_tokens_per_s'], ',.0f')} | {fmt(r['ratio'], '.2f', '×')} |")
     return "\n".join(lines)
 
 
@@ -187,8 +402,8 @@ def plot(rows: list[dict], path: str) -> None:
     fig, ax = plt.subplots(figsize=(1.8 * len(rows) + 2, 3.5))
     x = range(len(rows))
     ax.bar([i - 0.2 for i in x], [r["tokens_per_s"] for r in rows], 0.4, label="jaxlm")
-    if any("hf_tokens_per_s" in r for r in rows):
-        ax.bar([i + 0.2 for i in x], [r.get("hf_tokens_per_s", 0) for r in rows], 0.4,
+    if any(r["hf_tokens_per_s"] for r in rows):
+        ax.bar([i + 0.2 for i in x], [r["hf_tokens_per_s"] or 0 for r in rows], 0.4,
                label="transformers")
     ax.set_xticks(list(x), names)
     ax.set_ylabel("tokens/s")
@@ -201,12 +416,17 @@ def plot(rows: list[dict], path: str) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    flags = [args.xla_flags] + ([f"--xla_dump_to={args.xla_dump}"] if args.xla_dump else [])
+    os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""), *flags]).strip()
+    PROFILE["dir"] = args.profile
     setup = Setup(args)
     peak = measured_peak_flops()
     rows = []
     for name in args.benchmarks:
         print(f"running {name} ...", file=sys.stderr, flush=True)
-        rows += BENCHMARKS[name](setup, peak)
+        PROFILE["name"] = name
+        for row in BENCHMARKS[name](setup, peak):  # every row carries the four JSON keys
+            rows.append({"mfu": None, "hf_tokens_per_s": None, "ratio": None, **row})
     print(markdown(rows, peak))
     if args.json:
         Path(args.json).write_text(json.dumps({"peak_flops": peak, "results": rows}, indent=2) + "\n")

@@ -1,0 +1,29 @@
+"""experiments/bench.py end to end on the `test` preset: every row carries tokens/s, MFU and the
+transformers ratio, the JSON / PNG outputs are written, and the ratio is the two times' quotient."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_bench_smoke_against_transformers(tmp_path):
+    out, png = tmp_path / "bench.json", tmp_path / "bench.png"
+    cmd = [sys.executable, f"{ROOT}/experiments/bench.py", "train", "decode", "prefill", "moe",
+           "--vs", "hf", "--preset", "test", "--repeats", "1", "--train_batch", "2",
+           "--train_seq_len", "16", "--batches", "1,2", "--new_tokens", "4", "--prompt_len", "8",
+           "--prefill_len", "16", "--moe_seq_len", "16", "--moe_experts", "8",
+           "--json", str(out), "--plot", str(png)]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    rows = json.loads(out.read_text())["results"]
+    names = [r["benchmark"] for r in rows]
+    assert names[:4] == ["train 2x16", "decode b=1", "decode b=2", "prefill T=16"]
+    assert any(n.startswith("moe layer: moe dropless E=8") for n in names)
+    for r in rows:
+        assert {"tokens_per_s", "hf_tokens_per_s", "ratio", "mfu"} <= set(r), r
+        assert r["tokens_per_s"] > 0 and 0 < r["mfu"] < 1.5, r
+    for r in rows[:4]:  # every dense benchmark ran against transformers
+        assert abs(r["ratio"] - r["tokens_per_s"] / r["hf_tokens_per_s"]) < 1e-6 * r["ratio"]
+    assert "| train 2x16 |" in run.stdout and png.stat().st_size > 1000
