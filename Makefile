@@ -17,10 +17,10 @@ $(STAMP): setup.py
 install: $(STAMP)
 
 test: install  ## fast suite (< 10 min on 2 CPU cores)
-	$(PY) -m pytest -m "not slow" -q --durations=15
+	$(PY) -m pytest -m "not slow" -q --durations=15 -n 2
 
 test-slow: install  ## only the slow tests
-	$(PY) -m pytest -m slow -q
+	$(PY) -m pytest -m slow -q -n 2
 
 test-all: install
 	$(PY) -m pytest -q

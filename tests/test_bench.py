@@ -5,9 +5,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow  # ~1 min cold: compiles five benchmarks; `make test-slow`
 def test_bench_smoke_against_transformers(tmp_path):
     out, png = tmp_path / "bench.json", tmp_path / "bench.png"
     cmd = [sys.executable, f"{ROOT}/experiments/bench.py", "train", "decode", "prefill", "moe",

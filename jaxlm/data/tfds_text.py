@@ -19,8 +19,10 @@ import hashlib
 import json
 import logging
 import sys
+import tempfile
 from pathlib import Path
 
+import filelock
 import tensorflow_datasets as tfds
 
 from jaxlm.data import documents
@@ -94,6 +96,10 @@ class BuildResult:
     built: bool  # False when an existing build was reused
 
 
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
 def build_local_text(input_spec: str, data_dir: str, read: ReadOptions = ReadOptions(),
                      progress: bool = False) -> BuildResult:
     """Builds (once) the local_text dataset of `input_spec` ("stdlib" or a glob) into data_dir.
@@ -105,7 +111,10 @@ def build_local_text(input_spec: str, data_dir: str, read: ReadOptions = ReadOpt
     items = documents.list_items(input_spec)
     config = tfds.core.BuilderConfig(name=config_name(input_spec, read, items),
                                      description=f"input={input_spec!r} {read}")
-    with _quiet_tfds(progress):
+    # One builder at a time per dataset on this host: processes started together (pytest -n,
+    # several local runs) would otherwise all prepare it and race on the final rename.
+    lock = Path(tempfile.gettempdir()) / f"jaxlm-build-{config.name}-{_digest(str(data_dir))}.lock"
+    with _quiet_tfds(progress), filelock.FileLock(str(lock)):
         builder = LocalText(items=items, read=read, config=config, data_dir=data_dir,
                             file_format="array_record")
         built = not builder.is_prepared()
