@@ -56,6 +56,7 @@ def test_chunked_prefill_equals_one_shot(swa_model, chunk):
     assert all(pos[0, p % 8] == p for p in range(t - 8, t))
 
 
+@pytest.mark.slow  # the logits-level chunk test above covers it; keeps `make test` < 10 min cold
 def test_generate_same_tokens_for_any_prefill_chunk(swa_model):
     prompt = list(range(1, 21))
     runs = [generate(swa_model, [prompt], max_new_tokens=10, prefill_chunk=c).tokens[0]

@@ -36,7 +36,7 @@ def test_sliding_window_changes_only_positions_beyond_window(model):
     assert np.abs(a[:, w:] - b[:, w:]).max() > 1e-3
 
 
-@pytest.mark.parametrize("remat", ["full", "dots"])
+@pytest.mark.parametrize("remat", [pytest.param("full", marks=pytest.mark.slow), "dots"])
 def test_remat_policies_give_identical_gradients(remat):
     cfg = get_preset("test")
     tokens = jnp.asarray(np.random.default_rng(2).integers(0, 256, (2, 16)))
