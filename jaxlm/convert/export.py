@@ -18,13 +18,15 @@ import math
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import jax
+from flax import nnx
 from safetensors.flax import save_file
 
 from jaxlm.config import Gate, ModelConfig
 from jaxlm.convert.names import Rule, rules_for
+from jaxlm.tokenizer import Tokenizer
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 2**30      # transformers' default max_shard_size ("5GB")
 _DTYPES = ("float32", "bfloat16")
@@ -69,17 +71,11 @@ def hf_config(cfg: ModelConfig, dtype: str, bos_id: int = 1, eos_id: int = 2) ->
     return out
 
 
-def hf_tensor_sizes(cfg: ModelConfig, itemsize: int) -> list[tuple[str, Rule, tuple, int]]:
-    """Every HF tensor (name, rule, slice index, bytes) in file order, from shapes alone."""
-    from flax import nnx
-
-    from jaxlm.model import Transformer
-
-    abstract = nnx.to_pure_dict(nnx.state(
-        nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))), nnx.Param))
+def hf_tensor_sizes(cfg: ModelConfig, params: dict, itemsize: int) -> list[tuple[str, Rule, tuple, int]]:
+    """Every HF tensor (name, rule, slice index, bytes) in file order, from the shapes of `params`."""
     out = []
     for rule in rules_for(cfg):
-        shape = _get(abstract, rule.ours).shape[rule.stacked_axes:]
+        shape = _get(params, rule.ours).shape[rule.stacked_axes:]
         nbytes = math.prod(rule.layout.hf_shape(shape)) * itemsize
         out += [(name, rule, index, nbytes) for name, index in rule.entries()]
     return out
@@ -122,10 +118,10 @@ def export_hf(src: str | Path, dst: str | Path, *, dtype: str | None = None,
     tok = _tokenizer_ids(src)
     config = hf_config(cfg, dtype, *tok[1:])  # validates MoE exportability before any I/O
     model = load_model(src)                   # checks saved shapes against config.json first
-    params = jax.device_get(_pure_params(model))
+    params = jax.device_get(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
     del model
 
-    tensors = hf_tensor_sizes(cfg, jax.numpy.dtype(dtype).itemsize)
+    tensors = hf_tensor_sizes(cfg, params, jax.numpy.dtype(dtype).itemsize)
     shards = plan_shards([t[3] for t in tensors], max_shard_bytes)
     tmp = dst.parent / f".{dst.name}.export-{os.getpid()}"
     if tmp.exists():
@@ -167,11 +163,6 @@ def export_hf(src: str | Path, dst: str | Path, *, dtype: str | None = None,
     return dst
 
 
-def _pure_params(model) -> dict:
-    from flax import nnx
-    return nnx.to_pure_dict(nnx.state(model, nnx.Param))
-
-
 def _get(tree: dict, path: tuple[str, ...]):
     for key in path:
         tree = tree[key]
@@ -183,9 +174,8 @@ def _tokenizer_ids(src: Path) -> tuple[Path | None, int, int]:
     file = src / "tokenizer.model"
     if not file.is_file():
         return None, 1, 2
-    import sentencepiece as spm
-    sp = spm.SentencePieceProcessor(model_file=str(file))
-    return file, sp.bos_id(), sp.eos_id()
+    tokenizer = Tokenizer(file)
+    return file, tokenizer.bos_id, tokenizer.eos_id
 
 
 def write_tokenizer_files(model_file: Path, dst: Path, max_len: int) -> None:
@@ -201,12 +191,6 @@ def write_tokenizer_files(model_file: Path, dst: Path, max_len: int) -> None:
               "clean_up_tokenization_spaces": False}
     (dst / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
     (dst / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
-
-
-def iter_hf_tensors(cfg: ModelConfig, params: dict, dtype: str) -> Iterator[tuple[str, jax.Array]]:
-    """(HF name, tensor) for every parameter, one at a time (for tests and streaming users)."""
-    for name, rule, index, _ in hf_tensor_sizes(cfg, 1):
-        yield name, _hf_tensor(params, rule, index, dtype)
 
 
 def _hf_tensor(params: dict, rule: Rule, index: tuple, dtype: str) -> jax.Array:
