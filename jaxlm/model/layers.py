@@ -42,8 +42,32 @@ class Embed(nnx.Module):
 
     def attend(self, x: jax.Array) -> jax.Array:
         """Tied output head: x [B, T, D] -> logits [B, T, V]."""
-        table = self.embedding[...].astype(self.cfg.compute_dtype)
-        return jnp.einsum("BTD,VD->BTV", x, table, preferred_element_type=jnp.float32)
+        return output_head(x, self.embedding[...].astype(self.cfg.compute_dtype).T)
+
+
+@jax.custom_vjp
+def output_head(x: jax.Array, w: jax.Array) -> jax.Array:
+    """Logits of the output head: x [B, T, D] @ w [D, V] -> float32 [B, T, V].
+
+    The gradient is written by hand so that the weight gradient contracts over the tokens with
+    the small x [B, T, D] as the transposed operand. Left to autodiff, XLA:CPU wrote the
+    [B, T, V] logit gradient out transposed (0.8 s of a 9 s step on the bench config).
+    """
+    return jnp.einsum("BTD,DV->BTV", x, w, preferred_element_type=jnp.float32)
+
+
+def _head_fwd(x, w):
+    return output_head(x, w), (x, w)
+
+
+def _head_bwd(res, d_logits):
+    x, w = res
+    d_logits = d_logits.astype(x.dtype)
+    return (jnp.einsum("BTV,DV->BTD", d_logits, w),
+            jnp.einsum("BTD,BTV->DV", x, d_logits).astype(w.dtype))
+
+
+output_head.defvjp(_head_fwd, _head_bwd)
 
 
 class RMSNorm(nnx.Module):

@@ -10,7 +10,7 @@ from flax import nnx
 
 from jaxlm.config import ModelConfig, Remat
 from jaxlm.model.attention import Attention, CacheUpdate, KVCache
-from jaxlm.model.layers import Embed, RMSNorm, make_param
+from jaxlm.model.layers import Embed, RMSNorm, make_param, output_head
 from jaxlm.model.mlp import SwiGLU
 from jaxlm.model.moe import MoE, MoEMode
 from jaxlm.sharding import constrain
@@ -227,8 +227,7 @@ class Transformer(nnx.Module):
         if self.cfg.tie_embeddings:
             out = self.embed.attend(x)
         else:
-            w = self.lm_head[...].astype(self.cfg.compute_dtype)
-            out = jnp.einsum("BTD,DV->BTV", x, w, preferred_element_type=jnp.float32)
+            out = output_head(x, self.lm_head[...].astype(self.cfg.compute_dtype))
         return constrain(out, ("activation_batch", "activation_length", "activation_vocab"))
 
     def _check_tokens(self, tokens) -> None:
