@@ -20,7 +20,7 @@ def test_colab_notebook_runs_top_to_bottom(tmp_path, monkeypatch):
                if c.cell_type == "code"]
     text = "\n".join(outputs)
     assert "'steps': 4" in text
-    assert "cache k/v shape for a 100k-token generation: (2, 1, 8, " in text  # W slots, not 100k
+    assert "cache k/v shape for a 100k-token generation: (2, 1, 4, 8, " in text  # [L, B, K, W, H]: W slots, not 100k
     assert "--- greedy ---" in text and "--- T=0.8, top_p=0.9 ---" in text
     images = [o for c in nb.cells for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
     assert len(images) == 1  # the loss curve

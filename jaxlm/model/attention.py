@@ -42,8 +42,8 @@ _MASKED = float(jnp.finfo(jnp.float32).min)
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
     """Softmax attention with query heads grouped over shared K/V (never repeated).
 
-    q [B, T, N, H]; k, v [B, S, K, H]; mask bool [B, T, S] -> [B, T, N, H].
-    Scores and softmax in float32. A query with no visible key (only padding) gets a uniform
+    q [B, T, N, H]; k, v [B, K, S, H] (heads first, the KV cache's layout); mask bool [B, T, S]
+    -> [B, T, N, H]. Scores and softmax in float32. A query with no visible key (only padding) gets a uniform
     distribution instead of NaN.
 
     The gradient is written by hand (flash-attention style, Dao et al. 2022 §3.1): the backward
@@ -63,20 +63,20 @@ def _heads_first(x: jax.Array, kv_heads: int) -> jax.Array:
 
 
 def _masked_scores(q: jax.Array, k: jax.Array, mask: jax.Array) -> jax.Array:
-    """q [B, K, G, T, H] (already scaled), k [B, S, K, H] -> float32 scores [B, K, G, T, S]."""
-    scores = jnp.einsum("BKGTH,BSKH->BKGTS", q, k, preferred_element_type=jnp.float32)
+    """q [B, K, G, T, H] (already scaled), k [B, K, S, H] -> float32 scores [B, K, G, T, S]."""
+    scores = jnp.einsum("BKGTH,BKSH->BKGTS", q, k, preferred_element_type=jnp.float32)
     return jnp.where(mask[:, None, None], scores, _MASKED)
 
 
 def _attention_fwd(q, k, v, mask):
     b, t, n, h = q.shape
-    q = _heads_first(q * jnp.asarray(h ** -0.5, q.dtype), k.shape[2])  # [B, K, G, T, H]
+    q = _heads_first(q * jnp.asarray(h ** -0.5, q.dtype), k.shape[1])  # [B, K, G, T, H]
     scores = _masked_scores(q, k, mask)
     top = jnp.max(scores, axis=-1, keepdims=True)
     e = jnp.exp(scores - top)
     total = jnp.sum(e, axis=-1, keepdims=True)
     # Normalise the [.., T, H] output instead of the [.., T, S] probabilities: one pass fewer.
-    out = jnp.einsum("BKGTS,BSKH->BKGTH", e.astype(v.dtype), v,
+    out = jnp.einsum("BKGTS,BKSH->BKGTH", e.astype(v.dtype), v,
                      preferred_element_type=jnp.float32) / total
     result = out.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h).astype(q.dtype)
     # (max, 1/sum) rather than log-sum-exp: for a query that sees no key, max is float32's min and
@@ -89,18 +89,18 @@ def _attention_bwd(res, d_out):
     b, kv_heads, g, t, h = q.shape
     d_out = _heads_first(d_out, kv_heads)                                  # [B, K, G, T, H]
     probs = jnp.exp(_masked_scores(q, k, mask) - top) * inv_total
-    d_probs = jnp.einsum("BKGTH,BSKH->BKGTS", d_out, v, preferred_element_type=jnp.float32)
+    d_probs = jnp.einsum("BKGTH,BKSH->BKGTS", d_out, v, preferred_element_type=jnp.float32)
     # Softmax backward: dS = P * (dP - rowsum(dP * P)), and rowsum(dP * P) = rowsum(dO * O).
     # Masked scores are constants: no gradient (it matters for a query that sees no key).
     delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)
     d_scores = jnp.where(mask[:, None, None], probs * (d_probs - delta), 0.0).astype(q.dtype)
-    dq = jnp.einsum("BKGTS,BSKH->BKGTH", d_scores, k) * jnp.asarray(h ** -0.5, q.dtype)
+    dq = jnp.einsum("BKGTS,BKSH->BKGTH", d_scores, k) * jnp.asarray(h ** -0.5, q.dtype)
     # dK and dV contract over (G, T): computed transposed, [B, K, H, S], so the big [.., T, S]
     # operand is already in the layout the matmul wants; only the small result is transposed.
     dk = jnp.einsum("BKGTH,BKGTS->BKHS", q, d_scores)
     dv = jnp.einsum("BKGTH,BKGTS->BKHS", d_out, probs.astype(v.dtype))
     dq = dq.transpose(0, 3, 1, 2, 4).reshape(b, t, kv_heads * g, h)
-    return dq, dk.transpose(0, 3, 1, 2).astype(k.dtype), dv.transpose(0, 3, 1, 2).astype(v.dtype), None
+    return dq, dk.swapaxes(2, 3).astype(k.dtype), dv.swapaxes(2, 3).astype(v.dtype), None
 
 
 dot_product_attention.defvjp(_attention_fwd, _attention_bwd)
@@ -114,7 +114,9 @@ class KVCache(NamedTuple):
     (Mistral §2, SPEC §1): memory is constant in the sequence length. Keys are cached after RoPE,
     so slot order never matters: the mask is computed from `pos`.
 
-    k, v: [L, B, S, K, H]; pos: [B, S] absolute position held by each slot, -1 = empty.
+    k, v: [L, B, K, S, H]; pos: [B, S] absolute position held by each slot, -1 = empty.
+    Heads first, so that decode's score and value contractions read the buffer in place: with
+    [.., S, K, H] XLA:CPU copied a transposed buffer every layer, every token.
     """
 
     k: jax.Array
@@ -125,7 +127,7 @@ class KVCache(NamedTuple):
     def create(cls, cfg: ModelConfig, batch: int, max_len: int) -> "KVCache":
         """An empty cache for sequences of up to `max_len` tokens (prompt + generation)."""
         slots = min(max_len, cfg.sliding_window) if cfg.sliding_window else max_len
-        shape = (cfg.n_layers, batch, slots, cfg.n_kv_heads, cfg.head_dim)
+        shape = (cfg.n_layers, batch, cfg.n_kv_heads, slots, cfg.head_dim)
         return cls(jnp.zeros(shape, cfg.compute_dtype), jnp.zeros(shape, cfg.compute_dtype),
                    jnp.full((batch, slots), -1, jnp.int32))
 
@@ -158,9 +160,11 @@ class CacheUpdate(NamedTuple):
         return cls(pos, pos.at[rows, slots].set(positions, mode="drop"), slots)
 
     def write(self, buffer: jax.Array, new: jax.Array) -> jax.Array:
-        """buffer [B, S, K, H] with new [B, T, K, H] written into this update's slots."""
+        """buffer [B, K, S, H] with new [B, K, T, H] written into this update's slots."""
         rows = jnp.arange(buffer.shape[0])[:, None]
-        return buffer.at[rows, self.slots].set(new.astype(buffer.dtype), mode="drop")
+        # buffer[rows, :, slots] indexes [B, T, K, H] (advanced indices first).
+        return buffer.at[rows, :, self.slots].set(new.swapaxes(1, 2).astype(buffer.dtype),
+                                                  mode="drop")
 
 
 class Attention(nnx.Module):
@@ -175,20 +179,20 @@ class Attention(nnx.Module):
         self.o = make_param(rngs, (n, h, d), ("heads", "head_dim", "embed"), cfg, layers=layers)
 
     def project_kv(self, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """x [B, T, D] -> keys (RoPE applied) and values, each [B, T, K, H]."""
+        """x [B, T, D] -> keys (RoPE applied) and values, each [B, K, T, H] (heads first)."""
         dt = self.cfg.compute_dtype
         k = jnp.einsum("BTD,DKH->BTKH", x, self.k[...].astype(dt))
         v = jnp.einsum("BTD,DKH->BTKH", x, self.v[...].astype(dt))
         k = rope(k, positions, self.cfg.rope_theta)
-        names = ("activation_batch", "activation_length", "activation_kv_heads", None)
-        return constrain(k, names), constrain(v, names)
+        names = ("activation_batch", "activation_kv_heads", "activation_length", None)
+        return constrain(k.swapaxes(1, 2), names), constrain(v.swapaxes(1, 2), names)
 
     def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array | None = None,
                  cache: tuple[jax.Array, jax.Array] | None = None,
                  update: CacheUpdate | None = None):
         """x [B, T, D], positions [B, T] (-1 = padding), segment_ids [B, T] or None.
 
-        Without a cache: returns [B, T, D]. With `cache` = this layer's (k, v) [B, S, K, H] and
+        Without a cache: returns [B, T, D]. With `cache` = this layer's (k, v) [B, K, S, H] and
         its `update`: returns ([B, T, D], (k, v) with the new tokens written).
         """
         dt = self.cfg.compute_dtype
@@ -210,10 +214,14 @@ class Attention(nnx.Module):
             else:
                 # Prefill chunk: attend to the cache as it was plus the chunk itself, since the
                 # chunk may overwrite slots its own earlier queries still need.
-                kv_k = jnp.concatenate([cache[0], k.astype(cache[0].dtype)], axis=1)
-                kv_v = jnp.concatenate([cache[1], v.astype(cache[1].dtype)], axis=1)
+                kv_k = jnp.concatenate([cache[0], k.astype(cache[0].dtype)], axis=2)
+                kv_v = jnp.concatenate([cache[1], v.astype(cache[1].dtype)], axis=2)
                 kv_pos = jnp.concatenate([update.old_pos, positions], axis=1)
             mask = attention_mask(positions, kv_pos, window=window)
             out = dot_product_attention(q, kv_k.astype(dt), kv_v.astype(dt), mask)
-        out = jnp.einsum("BTNH,NHD->BTD", out, self.o[...].astype(dt))
+        # One [N·H] contraction, not two: with (N, H) as separate dims XLA:CPU re-ordered them
+        # in decode and transposed the whole [N, H, D] weight every layer, every token.
+        b, t, n, h = out.shape
+        w_o = self.o[...].astype(dt).reshape(n * h, -1)
+        out = jnp.einsum("BTI,ID->BTD", out.reshape(b, t, n * h), w_o)  # I = (N, H) flattened
         return out if cache is None else (out, new_cache)

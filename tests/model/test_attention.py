@@ -72,7 +72,8 @@ def test_gqa_equals_mha_with_repeated_kv(n, kv):
     v = rng.normal(size=(b, t, kv, h)).astype(np.float32)
     pos = np.broadcast_to(np.arange(t), (b, t))
     mask = brute_force_mask(pos, pos, 3, None, None)
-    got = dot_product_attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), jnp.asarray(mask))
+    heads_first = lambda a: jnp.asarray(a).swapaxes(1, 2)  # [B, S, K, H] -> [B, K, S, H]
+    got = dot_product_attention(jnp.asarray(q), heads_first(k), heads_first(v), jnp.asarray(mask))
     np.testing.assert_allclose(np.asarray(got), reference_mha(q, k, v, mask), atol=1e-5)
 
 
@@ -126,7 +127,8 @@ def test_hand_written_gradient_matches_autodiff(n, kv, window):
     pos = jnp.asarray([list(range(4)) + list(range(5)), list(range(8)) + [-1]])
     mask = attention_mask(pos, pos, window=window, q_seg=seg, kv_seg=seg)
     assert not bool(mask[1, -1].any())  # the padding query sees nothing
-    out, vjp = jax.vjp(lambda *a: dot_product_attention(*a, mask), q, k, v)
+    out, vjp = jax.vjp(lambda q, k, v: dot_product_attention(
+        q, k.swapaxes(1, 2), v.swapaxes(1, 2), mask), q, k, v)
     ref_out, ref_vjp = jax.vjp(lambda *a: autodiff_attention(*a, mask), q, k, v)
     np.testing.assert_allclose(np.asarray(out), np.asarray(ref_out), atol=1e-5)
     for got, want, name in zip(vjp(d_out), ref_vjp(d_out), "qkv"):
