@@ -26,21 +26,21 @@ def cross_entropy(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax
 
 
 def _ce_fwd(logits, targets):
-    logits = logits.astype(jnp.float32)
-    top = jnp.max(logits, axis=-1, keepdims=True)
-    total = jnp.sum(jnp.exp(logits - top), axis=-1, keepdims=True)
+    x = logits.astype(jnp.float32)
+    top = jnp.max(x, axis=-1, keepdims=True)
+    total = jnp.sum(jnp.exp(x - top), axis=-1, keepdims=True)
     lse = (top + jnp.log(total))[..., 0]
-    label = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    label = jnp.take_along_axis(x, targets[..., None], axis=-1)[..., 0]
     return (lse - label, lse), (logits, targets, top, 1.0 / total)
 
 
 def _ce_bwd(res, grads):
     logits, targets, top, inv_total = res
     g_ce, g_lse = grads
-    probs = jnp.exp(logits - top) * inv_total
+    probs = jnp.exp(logits.astype(jnp.float32) - top) * inv_total
     onehot = targets[..., None] == jnp.arange(logits.shape[-1], dtype=targets.dtype)
     d_logits = probs * (g_ce + g_lse)[..., None] - jnp.where(onehot, g_ce[..., None], 0.0)
-    return d_logits, None
+    return d_logits.astype(logits.dtype), None
 
 
 cross_entropy.defvjp(_ce_fwd, _ce_bwd)

@@ -57,6 +57,12 @@ def test_token_loss_gradient_matches_numpy():
     onehot = np.eye(7)[targets]
     expected = mask[..., None] * (softmax * (1 + 2 * z * lse) - onehot)
     np.testing.assert_allclose(np.asarray(grad), expected, atol=1e-6)
+    # bf16 logits get a bf16 gradient (a custom VJP must return the primal's dtype).
+    half = jax.grad(lambda lg: token_losses(lg, jnp.asarray(targets), jnp.asarray(mask))["ce_sum"])(
+        jnp.asarray(logits, jnp.bfloat16))
+    assert half.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(half, np.float32), expected - 2 * z * lse * softmax * mask[..., None],
+                               atol=2e-2)
 
 
 def test_accumulation_equals_one_big_batch():
