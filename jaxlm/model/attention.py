@@ -43,8 +43,8 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Ar
     """Softmax attention with query heads grouped over shared K/V (never repeated).
 
     q [B, T, N, H]; k, v [B, K, S, H] (heads first, the KV cache's layout); mask bool [B, T, S]
-    -> [B, T, N, H]. Scores and softmax in float32. A query with no visible key (only padding) gets a uniform
-    distribution instead of NaN.
+    -> [B, T, N, H]. Scores and softmax in float32. A query with no visible key (only padding)
+    gets a uniform distribution instead of NaN.
 
     The gradient is written by hand (flash-attention style, Dao et al. 2022 §3.1): the backward
     keeps only q, k, v, the output and the softmax's max and normaliser, and recomputes the
@@ -62,6 +62,12 @@ def _heads_first(x: jax.Array, kv_heads: int) -> jax.Array:
     return x.reshape(b, t, kv_heads, n // kv_heads, h).transpose(0, 2, 3, 1, 4)
 
 
+def _heads_last(x: jax.Array) -> jax.Array:
+    """[B, K, G, T, H] -> [B, T, N, H] (the inverse of _heads_first)."""
+    b, k, g, t, h = x.shape
+    return x.transpose(0, 3, 1, 2, 4).reshape(b, t, k * g, h)
+
+
 def _masked_scores(q: jax.Array, k: jax.Array, mask: jax.Array) -> jax.Array:
     """q [B, K, G, T, H] (already scaled), k [B, K, S, H] -> float32 scores [B, K, G, T, S]."""
     scores = jnp.einsum("BKGTH,BKSH->BKGTS", q, k, preferred_element_type=jnp.float32)
@@ -69,7 +75,7 @@ def _masked_scores(q: jax.Array, k: jax.Array, mask: jax.Array) -> jax.Array:
 
 
 def _attention_fwd(q, k, v, mask):
-    b, t, n, h = q.shape
+    h = q.shape[-1]
     q = _heads_first(q * jnp.asarray(h ** -0.5, q.dtype), k.shape[1])  # [B, K, G, T, H]
     scores = _masked_scores(q, k, mask)
     top = jnp.max(scores, axis=-1, keepdims=True)
@@ -78,7 +84,7 @@ def _attention_fwd(q, k, v, mask):
     # Normalise the [.., T, H] output instead of the [.., T, S] probabilities: one pass fewer.
     out = jnp.einsum("BKGTS,BKSH->BKGTH", e.astype(v.dtype), v,
                      preferred_element_type=jnp.float32) / total
-    result = out.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h).astype(q.dtype)
+    result = _heads_last(out).astype(q.dtype)
     # (max, 1/sum) rather than log-sum-exp: for a query that sees no key, max is float32's min and
     # adding log(S) to it would round away.
     return result, (q, k, v, mask, out.astype(q.dtype), top, 1.0 / total)
@@ -86,8 +92,8 @@ def _attention_fwd(q, k, v, mask):
 
 def _attention_bwd(res, d_out):
     q, k, v, mask, out, top, inv_total = res  # q [B, K, G, T, H] scaled; top [B, K, G, T, 1]
-    b, kv_heads, g, t, h = q.shape
-    d_out = _heads_first(d_out, kv_heads)                                  # [B, K, G, T, H]
+    h = q.shape[-1]
+    d_out = _heads_first(d_out, q.shape[1])                                  # [B, K, G, T, H]
     probs = jnp.exp(_masked_scores(q, k, mask) - top) * inv_total
     d_probs = jnp.einsum("BKGTH,BKSH->BKGTS", d_out, v, preferred_element_type=jnp.float32)
     # Softmax backward: dS = P * (dP - rowsum(dP * P)), and rowsum(dP * P) = rowsum(dO * O).
@@ -99,8 +105,8 @@ def _attention_bwd(res, d_out):
     # operand is already in the layout the matmul wants; only the small result is transposed.
     dk = jnp.einsum("BKGTH,BKGTS->BKHS", q, d_scores)
     dv = jnp.einsum("BKGTH,BKGTS->BKHS", d_out, probs.astype(v.dtype))
-    dq = dq.transpose(0, 3, 1, 2, 4).reshape(b, t, kv_heads * g, h)
-    return dq, dk.swapaxes(2, 3).astype(k.dtype), dv.swapaxes(2, 3).astype(v.dtype), None
+    dk, dv = dk.swapaxes(2, 3).astype(k.dtype), dv.swapaxes(2, 3).astype(v.dtype)  # [B, K, S, H]
+    return _heads_last(dq), dk, dv, None
 
 
 dot_product_attention.defvjp(_attention_fwd, _attention_bwd)
