@@ -75,6 +75,13 @@ def logical_to_spec(names: Sequence[str | None], shape: Sequence[int],
     return P(*spec)
 
 
+def is_split(name: str, dim: int) -> bool:
+    """Whether a dimension of logical axis `name` and size `dim` is split across devices in the
+    current mesh context (`jax.set_mesh`); False outside one."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return not mesh.empty and logical_to_spec([name], [dim], dict(mesh.shape)) != P(None)
+
+
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
     """with_sharding_constraint by logical names; a no-op outside a mesh context (`jax.set_mesh`)."""
     mesh = jax.sharding.get_abstract_mesh()

@@ -8,7 +8,7 @@ from jax.sharding import PartitionSpec as P
 
 from jaxlm.config import get_preset
 from jaxlm.model import Transformer
-from jaxlm.sharding import (MeshConfig, init_sharded, logical_to_spec, make_mesh,
+from jaxlm.sharding import (MeshConfig, init_sharded, is_split, logical_to_spec, make_mesh,
                             state_partition_specs)
 
 
@@ -129,6 +129,14 @@ def specs_for(specs, key):
     for k in key:
         node = node[k]
     return node
+
+
+def test_is_split_reads_the_current_mesh():
+    assert not is_split("heads", 8)                      # no mesh context
+    with jax.set_mesh(make_mesh(MeshConfig(fsdp=2, tensor=4))):
+        assert is_split("heads", 8) and is_split("embed", 64)
+        assert not is_split("kv_heads", 2)               # 2 heads on tensor=4: replicated
+        assert not is_split("head_dim", 8)
 
 
 def test_kv_heads_fewer_than_tensor_axis_are_replicated():

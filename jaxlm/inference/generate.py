@@ -120,7 +120,7 @@ def _generate(graphdef, state, tokens, lengths, rng, *, chunk, max_new, sampling
         done = done | (nxt == eos_id) if eos_id is not None else done
         return step + 1, cache, nxt, out, done, rng, logits_buf
 
-    carry = (jnp.int32(1), cache, first, out, done, rng, logits_buf)
+    carry = (jnp.int32(1), cache.per_layer(), first, out, done, rng, logits_buf)
     step, _, _, out, _, _, logits_buf = jax.lax.while_loop(cond, body, carry)
     # Rows stopped by the loop's early exit keep zeros after `step`; mark them as padding.
     out = jnp.where(jnp.arange(max_new) < step, out, fill)

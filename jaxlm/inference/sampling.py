@@ -65,9 +65,22 @@ def filtered_logits(logits: jax.Array, cfg: SamplingConfig) -> jax.Array:
     return logits
 
 
+def argmax(logits: jax.Array) -> jax.Array:
+    """jnp.argmax over the last axis (first maximum wins; a NaN counts as the maximum) -> int32.
+
+    Written as a max and a min rather than XLA's (value, index) pair reduction, which XLA:CPU
+    runs as a scalar loop: on [1, 32000] logits 151 -> 24 us, on [16, 32000] 1.23 -> 0.29 ms;
+    at batch 1 that was 2 % of a decode step.
+    """
+    top = jnp.max(logits, axis=-1, keepdims=True)   # NaN if the row holds one
+    hit = (logits == top) | jnp.isnan(logits)       # a NaN row has no `==` hit, only NaNs
+    index = jnp.arange(logits.shape[-1], dtype=jnp.int32)
+    return jnp.min(jnp.where(hit, index, logits.shape[-1]), axis=-1)
+
+
 def sample(logits: jax.Array, rng: jax.Array, cfg: SamplingConfig) -> jax.Array:
     """One token id per row: logits [B, V] -> int32 [B]."""
     logits = filtered_logits(logits, cfg)
     if cfg.greedy:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        return argmax(logits)
     return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)

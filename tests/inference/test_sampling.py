@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxlm.inference.sampling import SamplingConfig, filtered_logits, sample
+from jaxlm.inference.sampling import SamplingConfig, argmax, filtered_logits, sample
 
 
 def reference_probs(logits, temperature, top_k, top_p, vocab_limit=None):
@@ -62,6 +62,15 @@ def test_greedy_is_argmax_and_respects_vocab_limit():
         LOGITS.argmax(-1).tolist()
     limited = sample(jnp.asarray(LOGITS), jax.random.key(0), SamplingConfig(vocab_limit=10))
     assert np.asarray(limited).tolist() == LOGITS[:, :10].argmax(-1).tolist()
+
+
+def test_argmax_matches_numpy_on_ties_infinities_and_nans():
+    rows = np.random.default_rng(1).integers(-3, 4, size=(64, 37)).astype(np.float32)  # many ties
+    rows[5, :] = -np.inf
+    rows[6, 9] = np.inf
+    rows[7, [4, 20]] = np.nan       # NumPy: the first NaN is the maximum
+    rows[8, :] = np.nan
+    assert np.asarray(argmax(jnp.asarray(rows))).tolist() == rows.argmax(-1).tolist()
 
 
 @pytest.mark.parametrize("field,value", [("temperature", -1.0), ("top_k", -2), ("top_p", 0.0),
