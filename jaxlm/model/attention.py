@@ -42,8 +42,8 @@ _MASKED = float(jnp.finfo(jnp.float32).min)
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
     """Softmax attention with query heads grouped over shared K/V (never repeated).
 
-    q [B, T, N, H]; k, v [B, K, S, H] (heads first, the KV cache's layout); mask bool [B, T, S]
-    -> [B, T, N, H]. Scores and softmax in float32. A query with no visible key (only padding)
+    q [B, T, N, H]; k [B, K, H, S] (keys transposed) and v [B, K, S, H], the KV cache's layouts;
+    mask bool [B, T, S] -> [B, T, N, H]. Scores and softmax in float32. A query with no visible key (only padding)
     gets a uniform distribution instead of NaN.
 
     The gradient is written by hand (flash-attention style, Dao et al. 2022 §3.1): the backward
@@ -69,14 +69,14 @@ def _heads_last(x: jax.Array) -> jax.Array:
 
 
 def _masked_scores(q: jax.Array, k: jax.Array, mask: jax.Array) -> jax.Array:
-    """q [B, K, G, T, H] (already scaled), k [B, K, S, H] -> float32 scores [B, K, G, T, S]."""
-    scores = jnp.einsum("BKGTH,BKSH->BKGTS", q, k, preferred_element_type=jnp.float32)
+    """q [B, K, G, T, H] (already scaled), k [B, K, H, S] -> float32 scores [B, K, G, T, S]."""
+    scores = jnp.einsum("BKGTH,BKHS->BKGTS", q, k, preferred_element_type=jnp.float32)
     return jnp.where(mask[:, None, None], scores, _MASKED)
 
 
 def _attention_fwd(q, k, v, mask):
     h = q.shape[-1]
-    q = _heads_first(q * jnp.asarray(h ** -0.5, q.dtype), k.shape[1])  # [B, K, G, T, H]
+    q = _heads_first(q * jnp.asarray(h ** -0.5, q.dtype), v.shape[1])  # [B, K, G, T, H]
     scores = _masked_scores(q, k, mask)
     top = jnp.max(scores, axis=-1, keepdims=True)
     e = jnp.exp(scores - top)
@@ -100,12 +100,12 @@ def _attention_bwd(res, d_out):
     # Masked scores are constants: no gradient (it matters for a query that sees no key).
     delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)
     d_scores = jnp.where(mask[:, None, None], probs * (d_probs - delta), 0.0).astype(q.dtype)
-    dq = jnp.einsum("BKGTS,BKSH->BKGTH", d_scores, k) * jnp.asarray(h ** -0.5, q.dtype)
-    # dK and dV contract over (G, T): computed transposed, [B, K, H, S], so the big [.., T, S]
-    # operand is already in the layout the matmul wants; only the small result is transposed.
-    dk = jnp.einsum("BKGTH,BKGTS->BKHS", q, d_scores)
+    dq = jnp.einsum("BKGTS,BKHS->BKGTH", d_scores, k) * jnp.asarray(h ** -0.5, q.dtype)
+    # dK and dV contract over (G, T): computed as [B, K, H, S], so the big [.., T, S] operand is
+    # already in the layout the matmul wants; only the small dV is transposed afterwards.
+    dk = jnp.einsum("BKGTH,BKGTS->BKHS", q, d_scores).astype(k.dtype)
     dv = jnp.einsum("BKGTH,BKGTS->BKHS", d_out, probs.astype(v.dtype))
-    dk, dv = dk.swapaxes(2, 3).astype(k.dtype), dv.swapaxes(2, 3).astype(v.dtype)  # [B, K, S, H]
+    dv = dv.swapaxes(2, 3).astype(v.dtype)                                   # [B, K, S, H]
     return _heads_last(dq), dk, dv, None
 
 
@@ -120,10 +120,12 @@ class KVCache(NamedTuple):
     (Mistral §2, SPEC §1): memory is constant in the sequence length. Keys are cached after RoPE,
     so slot order never matters: the mask is computed from `pos`.
 
-    k, v: [L, B, K, S, H] (or tuples of L [B, K, S, H] buffers, see per_layer); pos: [B, S]
-    absolute position held by each slot, -1 = empty.
-    Heads first, so that decode's score and value contractions read the buffer in place: with
-    [.., S, K, H] XLA:CPU copied a transposed buffer every layer, every token.
+    k: [L, B, K, H, S] (keys transposed), v: [L, B, K, S, H] (or tuples of L per-layer buffers,
+    see per_layer); pos: [B, S] absolute position held by each slot, -1 = empty.
+    Heads first and keys transposed, so that decode's score (q . K: [H] x [H, S]) and value
+    (p . V: [S] x [S, H]) contractions read the buffers in place. With [.., S, K, H] XLA:CPU
+    copied a transposed buffer every layer, every token, and with keys as [.., S, H] it still
+    transposed the key buffer: 8-28 % of the attention time in decode (bench config, b=1..16).
     """
 
     k: jax.Array
@@ -135,7 +137,8 @@ class KVCache(NamedTuple):
         """An empty cache for sequences of up to `max_len` tokens (prompt + generation)."""
         slots = min(max_len, cfg.sliding_window) if cfg.sliding_window else max_len
         shape = (cfg.n_layers, batch, cfg.n_kv_heads, slots, cfg.head_dim)
-        return cls(jnp.zeros(shape, cfg.compute_dtype), jnp.zeros(shape, cfg.compute_dtype),
+        keys = (cfg.n_layers, batch, cfg.n_kv_heads, cfg.head_dim, slots)
+        return cls(jnp.zeros(keys, cfg.compute_dtype), jnp.zeros(shape, cfg.compute_dtype),
                    jnp.full((batch, slots), -1, jnp.int32))
 
     @property
@@ -143,7 +146,7 @@ class KVCache(NamedTuple):
         return self.pos.shape[1]
 
     def per_layer(self) -> "KVCache":
-        """The same cache with k and v as tuples of L buffers [B, K, S, H], for a decode loop
+        """The same cache with k and v as tuples of L per-layer buffers, for a decode loop
         that runs the layers unrolled (Transformer.hidden with layer_groups): each layer then
         updates its own buffer in place instead of slicing and re-stacking the [L, ...] array."""
         return self._replace(k=tuple(self.k), v=tuple(self.v))
@@ -172,21 +175,22 @@ class CacheUpdate(NamedTuple):
         rows = jnp.arange(pos.shape[0])[:, None]
         return cls(pos, pos.at[rows, slots].set(positions, mode="drop"), slots)
 
-    def write(self, buffer: jax.Array, new: jax.Array) -> jax.Array:
-        """buffer [B, K, S, H] with new [B, K, T, H] written into this update's slots."""
+    def write(self, buffer: jax.Array, new: jax.Array, axis: int) -> jax.Array:
+        """new written into this update's slots of buffer, along `axis`, the slot axis of both:
+        keys [B, K, H, S] <- [B, K, H, T] (axis 3), values [B, K, S, H] <- [B, K, T, H] (axis 2)."""
         new = new.astype(buffer.dtype)
         if self.slots.shape == (1, 1):
-            # One token of one sequence (decode at batch 1): a dynamic_update_slice, done in
-            # place. XLA lowers the general scatter below by transposing the buffer to put the
-            # scattered dims first and back: 2 buffer copies per layer, 8 % of a bench decode step.
-            size = buffer.shape[2]
-            slot = jnp.minimum(self.slots[0, 0], size - 1)
-            old = jax.lax.dynamic_slice_in_dim(buffer, slot, 1, axis=2)
-            value = jnp.where(self.slots[0, 0] < size, new, old)      # slot S = drop
-            return jax.lax.dynamic_update_slice_in_dim(buffer, value, slot, axis=2)
+            # One token of one sequence (decode at batch 1): a select against the slot's one-hot
+            # (slot S, "drop", matches nothing). XLA:CPU lowers the scatter below with the
+            # scattered dims moved first and back, and a dynamic_update_slice here got fused
+            # twice (for the attention and for the loop carry), each needing its own copy of the
+            # buffer. Per layer of the bench config: 20 -> 10 us.
+            hit = jnp.arange(buffer.shape[axis]) == self.slots[0, 0]
+            return jnp.where(hit.reshape((-1,) + (1,) * (buffer.ndim - 1 - axis)), new, buffer)
         rows = jnp.arange(buffer.shape[0])[:, None]
-        # buffer[rows, :, slots] indexes [B, T, K, H] (advanced indices first).
-        return buffer.at[rows, :, self.slots].set(new.swapaxes(1, 2), mode="drop")
+        # Advanced indices (rows, slots) come first in the indexed result: [B, T, K, H].
+        index = (rows,) + (slice(None),) * (axis - 1) + (self.slots,)
+        return buffer.at[index].set(jnp.moveaxis(new, axis, 1), mode="drop")
 
 
 class Attention(nnx.Module):
@@ -201,7 +205,8 @@ class Attention(nnx.Module):
         self.o = make_param(rngs, (n, h, d), ("heads", "head_dim", "embed"), cfg, layers=layers)
 
     def project(self, x: jax.Array, positions: jax.Array):
-        """x [B, T, D] -> q [B, T, N, H] and k, v [B, K, T, H] (heads first), RoPE on q and k.
+        """x [B, T, D] -> q [B, T, N, H], k [B, K, H, T] and v [B, K, T, H] (the cache layouts),
+        RoPE on q and k.
 
         Unless heads are split across devices (tensor parallelism), one matmul against the
         concatenated [D, N + 2K, H] weight instead of three: in decode at batch 1 every
@@ -225,15 +230,16 @@ class Attention(nnx.Module):
             q, k, v = qk[:, :, :n], qk[:, :, n:], qkv[:, :, n + kv:]
         q = constrain(q, ("activation_batch", "activation_length", "activation_heads", None))
         names = ("activation_batch", "activation_kv_heads", "activation_length", None)
-        return q, constrain(k.swapaxes(1, 2), names), constrain(v.swapaxes(1, 2), names)
+        k = constrain(k.transpose(0, 2, 3, 1), (*names[:2], None, names[2]))
+        return q, k, constrain(v.swapaxes(1, 2), names)
 
     def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array | None = None,
                  cache: tuple[jax.Array, jax.Array] | None = None,
                  update: CacheUpdate | None = None):
         """x [B, T, D], positions [B, T] (-1 = padding), segment_ids [B, T] or None.
 
-        Without a cache: returns [B, T, D]. With `cache` = this layer's (k, v) [B, K, S, H] and
-        its `update`: returns ([B, T, D], (k, v) with the new tokens written).
+        Without a cache: returns [B, T, D]. With `cache` = this layer's (k [B, K, H, S],
+        v [B, K, S, H]) and its `update`: returns ([B, T, D], (k, v) with the new tokens written).
         """
         dt = self.cfg.compute_dtype
         q, k, v = self.project(x, positions)
@@ -243,7 +249,7 @@ class Attention(nnx.Module):
                                   q_seg=segment_ids, kv_seg=segment_ids)
             out = dot_product_attention(q, k, v, mask)
         else:
-            new_cache = (update.write(cache[0], k), update.write(cache[1], v))
+            new_cache = (update.write(cache[0], k, axis=3), update.write(cache[1], v, axis=2))
             if x.shape[1] == 1:
                 # Decode: write first, then attend to the buffer alone (no concatenation). The
                 # slot overwritten held position p - S, which the window excludes anyway.
@@ -251,7 +257,7 @@ class Attention(nnx.Module):
             else:
                 # Prefill chunk: attend to the cache as it was plus the chunk itself, since the
                 # chunk may overwrite slots its own earlier queries still need.
-                kv_k = jnp.concatenate([cache[0], k.astype(cache[0].dtype)], axis=2)
+                kv_k = jnp.concatenate([cache[0], k.astype(cache[0].dtype)], axis=3)
                 kv_v = jnp.concatenate([cache[1], v.astype(cache[1].dtype)], axis=2)
                 kv_pos = jnp.concatenate([update.old_pos, positions], axis=1)
             mask = attention_mask(positions, kv_pos, window=window)

@@ -215,7 +215,7 @@ class Transformer(nnx.Module):
             aux = {name: jnp.mean(value, axis=0) for name, value in aux.items()}  # over MoE layers
             if cache is None:
                 return x, None, aux
-            k, v = (c.reshape(cache.k.shape) for c in kv)
+            k, v = kv[0].reshape(cache.k.shape), kv[1].reshape(cache.v.shape)
             return x, KVCache(k, v, update.new_pos), aux
         # Unrolled over pre-sliced weights (see layer_groups). A per-layer cache (KVCache.per_layer)
         # stays per layer: each buffer is updated in place, never sliced out of or stacked back

@@ -66,8 +66,9 @@ def test_generate_same_tokens_for_any_prefill_chunk(swa_model):
 
 def test_cache_size_does_not_depend_on_generation_length(swa_model, full_model):
     short, long = KVCache.create(swa_model.cfg, 2, 100), KVCache.create(swa_model.cfg, 2, 100_000)
-    assert short.k.shape == long.k.shape == (2, 2, 2, 8, 8)  # [L, B, K, W, H]
-    assert KVCache.create(full_model.cfg, 2, 100).k.shape[3] == 100  # full attention grows
+    assert short.k.shape == long.k.shape == (2, 2, 2, 8, 8)  # [L, B, K, H, W]
+    assert short.v.shape == long.v.shape == (2, 2, 2, 8, 8)  # [L, B, K, W, H]
+    assert KVCache.create(full_model.cfg, 2, 100).size == 100  # full attention grows
     # Mistral 7B at 32k tokens: 8x less cache memory with W = 4096 (Mistral §2).
     mistral = get_preset("mistral_7b")
     rolled = KVCache.create(mistral, 1, 32768).pos.shape[1]

@@ -72,8 +72,9 @@ def test_gqa_equals_mha_with_repeated_kv(n, kv):
     v = rng.normal(size=(b, t, kv, h)).astype(np.float32)
     pos = np.broadcast_to(np.arange(t), (b, t))
     mask = brute_force_mask(pos, pos, 3, None, None)
-    heads_first = lambda a: jnp.asarray(a).swapaxes(1, 2)  # [B, S, K, H] -> [B, K, S, H]
-    got = dot_product_attention(jnp.asarray(q), heads_first(k), heads_first(v), jnp.asarray(mask))
+    keys_t = jnp.asarray(k).transpose(0, 2, 3, 1)          # [B, S, K, H] -> [B, K, H, S]
+    values = jnp.asarray(v).swapaxes(1, 2)                 # [B, S, K, H] -> [B, K, S, H]
+    got = dot_product_attention(jnp.asarray(q), keys_t, values, jnp.asarray(mask))
     np.testing.assert_allclose(np.asarray(got), reference_mha(q, k, v, mask), atol=1e-5)
 
 
@@ -128,7 +129,7 @@ def test_hand_written_gradient_matches_autodiff(n, kv, window):
     mask = attention_mask(pos, pos, window=window, q_seg=seg, kv_seg=seg)
     assert not bool(mask[1, -1].any())  # the padding query sees nothing
     out, vjp = jax.vjp(lambda q, k, v: dot_product_attention(
-        q, k.swapaxes(1, 2), v.swapaxes(1, 2), mask), q, k, v)
+        q, k.transpose(0, 2, 3, 1), v.swapaxes(1, 2), mask), q, k, v)
     ref_out, ref_vjp = jax.vjp(lambda *a: autodiff_attention(*a, mask), q, k, v)
     np.testing.assert_allclose(np.asarray(out), np.asarray(ref_out), atol=1e-5)
     for got, want, name in zip(vjp(d_out), ref_vjp(d_out), "qkv"):
