@@ -146,10 +146,15 @@ class KVCache(NamedTuple):
         return self.pos.shape[1]
 
     def per_layer(self) -> "KVCache":
-        """The same cache with k and v as tuples of L per-layer buffers, for a decode loop
-        that runs the layers unrolled (Transformer.hidden with layer_groups): each layer then
-        updates its own buffer in place instead of slicing and re-stacking the [L, ...] array."""
-        return self._replace(k=tuple(self.k), v=tuple(self.v))
+        """The same cache with k and v as tuples of L per-layer buffers, [B·K, H, S] and
+        [B·K, S, H], for a decode loop that runs the layers unrolled (Transformer.hidden with
+        layer_groups): each layer then updates its own buffer instead of slicing and re-stacking
+        the [L, ...] array. B and K are merged because the attention matmuls see them as one
+        batch dimension: with [1, K, ...] buffers XLA:CPU fused the batch-1 cache update once
+        for the loop carry and once more for the matmul's [K, ...] view, with a buffer copy each.
+        """
+        merge = lambda a: tuple(layer.reshape(-1, *layer.shape[2:]) for layer in a)
+        return self._replace(k=merge(self.k), v=merge(self.v))
 
 
 class CacheUpdate(NamedTuple):
@@ -249,6 +254,10 @@ class Attention(nnx.Module):
                                   q_seg=segment_ids, kv_seg=segment_ids)
             out = dot_product_attention(q, k, v, mask)
         else:
+            stored = cache
+            # Per-layer buffers of a decode loop are stored [B·K, ...] (see KVCache.per_layer).
+            cache = tuple(c.reshape(x.shape[0], -1, *c.shape[1:]) if c.ndim == 3 else c
+                          for c in cache)
             new_cache = (update.write(cache[0], k, axis=3), update.write(cache[1], v, axis=2))
             if x.shape[1] == 1:
                 # Decode: write first, then attend to the buffer alone (no concatenation). The
@@ -267,4 +276,6 @@ class Attention(nnx.Module):
         b, t, n, h = out.shape
         w_o = self.o[...].astype(dt).reshape(n * h, -1)
         out = jnp.einsum("BTI,ID->BTD", out.reshape(b, t, n * h), w_o)  # I = (N, H) flattened
-        return out if cache is None else (out, new_cache)
+        if cache is None:
+            return out
+        return out, tuple(c.reshape(s.shape) for c, s in zip(new_cache, stored))

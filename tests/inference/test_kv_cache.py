@@ -1,4 +1,5 @@
 """KV cache and rolling buffer against full recomputation; chunked prefill; cache size."""
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -62,6 +63,21 @@ def test_generate_same_tokens_for_any_prefill_chunk(swa_model):
     runs = [generate(swa_model, [prompt], max_new_tokens=10, prefill_chunk=c).tokens[0]
             for c in (None, 3, 13)]
     assert all(r == runs[0] for r in runs)
+
+
+@pytest.mark.parametrize("per_layer", [False, True])
+def test_single_padding_token_leaves_the_cache_alone(swa_model, per_layer):
+    """Batch 1, one token at position -1 (the batch-1 write path): nothing is written."""
+    _, cache = swa_model(jnp.asarray([[5, 17, 99]]), cache=KVCache.create(swa_model.cfg, 1, 100))
+    start = cache.per_layer() if per_layer else cache
+    groups = swa_model.layer_groups() if per_layer else None
+    _, after = swa_model.hidden(jnp.asarray([[7]]), jnp.asarray([[-1]]), cache=start,
+                                layer_groups=groups)
+    for got, want in zip(jax.tree.leaves(after), jax.tree.leaves(start)):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    _, written = swa_model.hidden(jnp.asarray([[7]]), jnp.asarray([[3]]), cache=start,
+                                  layer_groups=groups)
+    assert int(written.pos[0, 3]) == 3 and not np.array_equal(written.k[0], start.k[0])
 
 
 def test_cache_size_does_not_depend_on_generation_length(swa_model, full_model):
