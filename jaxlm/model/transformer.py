@@ -132,7 +132,8 @@ class Transformer(nnx.Module):
         """The final hidden states [B, T, D] before norm and head, and the updated cache (or None).
 
         layer_groups: `self.layer_groups()` computed once outside a decode loop: the layers then
-        run unrolled on those arrays instead of scanning the stacked parameters.
+        run unrolled on those arrays instead of scanning the stacked parameters. Only then may
+        `cache` be per-layer (KVCache.per_layer, [B·K, ...] buffers), as in generate's loop.
         """
         x, cache, _ = self._stack(tokens, positions, segment_ids, cache,
                                   MoEMode(cached=cache is not None), None, layer_groups)
@@ -202,6 +203,9 @@ class Transformer(nnx.Module):
         if self.cfg.remat is not Remat.NONE:
             group = jax.checkpoint(group, policy=REMAT_POLICIES[self.cfg.remat], prevent_cse=False)
         if layer_groups is None:
+            if cache is not None and isinstance(cache.k, tuple):
+                raise ValueError("a per-layer cache (KVCache.per_layer) needs layer_groups="
+                                 "model.layer_groups(); pass the stacked KVCache otherwise")
             # lax.scan traces one group: compile time stays flat in depth.
             def body(h, xs):
                 h, kv, aux = group(h, xs)

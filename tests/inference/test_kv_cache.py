@@ -80,11 +80,20 @@ def test_single_padding_token_leaves_the_cache_alone(swa_model, per_layer):
     assert int(written.pos[0, 3]) == 3 and not np.array_equal(written.k[0], start.k[0])
 
 
+def test_per_layer_cache_shapes_and_misuse(swa_model):
+    layers = KVCache.create(swa_model.cfg, 3, 100).per_layer()  # test_swa: L=2, K=2, H=8, W=8
+    assert [a.shape for a in layers.k] == [(6, 8, 8)] * 2 and layers.per_layer() is layers
+    with pytest.raises(ValueError, match="layer_groups"):
+        swa_model.hidden(jnp.zeros((3, 1), jnp.int32), cache=layers)
+
+
 def test_cache_size_does_not_depend_on_generation_length(swa_model, full_model):
     short, long = KVCache.create(swa_model.cfg, 2, 100), KVCache.create(swa_model.cfg, 2, 100_000)
     assert short.k.shape == long.k.shape == (2, 2, 2, 8, 8)  # [L, B, K, H, W]
     assert short.v.shape == long.v.shape == (2, 2, 2, 8, 8)  # [L, B, K, W, H]
-    assert KVCache.create(full_model.cfg, 2, 100).size == 100  # full attention grows
+    full = KVCache.create(full_model.cfg, 2, 100)  # full attention grows with the length
+    assert full.size == 100
+    assert full.k.shape == (2, 2, 4, 8, 100) and full.v.shape == (2, 2, 4, 100, 8)  # keys [.., H, S]
     # Mistral 7B at 32k tokens: 8x less cache memory with W = 4096 (Mistral §2).
     mistral = get_preset("mistral_7b")
     rolled = KVCache.create(mistral, 1, 32768).pos.shape[1]
