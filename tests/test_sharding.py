@@ -124,6 +124,20 @@ def test_sharded_equals_single_device(single_device, mesh_name):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), grads, ref_grads)
 
 
+def test_blocked_attention_sharded_equals_single_device():
+    """T=256: training attention takes the block-skipping branch (lax.cond) under the mesh too."""
+    cfg = get_preset("test_swa", max_seq_len=256)
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (8, 256)), jnp.int32)
+    ref_logits, ref_loss, ref_grads = _run(Transformer(cfg, rngs=nnx.Rngs(0)), tokens)
+    mesh = make_mesh(MESHES["fsdp2_tensor4"])
+    model = init_sharded(lambda: Transformer(cfg, rngs=nnx.Rngs(0)), mesh)
+    with jax.set_mesh(mesh):
+        logits, loss, grads = _run(model, tokens)
+    np.testing.assert_allclose(logits, ref_logits, atol=1e-5)
+    assert abs(loss - ref_loss) < 1e-5
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), grads, ref_grads)
+
+
 def specs_for(specs, key):
     node = specs
     for k in key:

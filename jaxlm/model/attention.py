@@ -9,6 +9,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from jaxlm.config import ModelConfig
@@ -110,6 +111,55 @@ def _attention_bwd(res, d_out):
 
 
 dot_product_attention.defvjp(_attention_fwd, _attention_bwd)
+
+# Query rows per block of blocked_attention (on the bench config 64 and 256 were slower).
+ATTENTION_BLOCK = 128
+
+
+def key_blocks(t: int, window: int | None, block: int) -> tuple[tuple[int, int, int, int], ...]:
+    """Static (q0, q1, k0, k1): the keys [k0, k1) that query rows [q0, q1) can see when key j is
+    visible to query i only for i - W < j <= i (causal by index, window W), in `block` steps."""
+    return tuple((q0, q0 + block, 0 if window is None else max(0, (q0 - window + 1) // block * block),
+                  q0 + block) for q0 in range(0, t, block))
+
+
+def blocked_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
+                      window: int | None, block: int = ATTENTION_BLOCK) -> jax.Array:
+    """dot_product_attention over the same sequence (T == S), skipping the key blocks that the
+    causal / sliding-window structure leaves fully masked.
+
+    With T = 512, W = 256 and 128-row blocks each query block reads at most 384 keys, and the
+    first ones fewer: 56 % of the score work. Measured on the bench config (8 layers, 8x512
+    tokens): attention forward + backward 1.52 s -> 0.80 s.
+
+    The mask is a function of positions and segments, not of indices, so skipping is only exact
+    when every visible key lies inside the blocks and every query sees a key (a query that sees
+    none averages over all keys in dot_product_attention). That is checked on the mask at run
+    time (`lax.cond`): rows packed by the data pipeline pass; anything else (positions that do
+    not follow the index, padding queries) takes the full computation, with the same result.
+    """
+    t = q.shape[1]
+    if k.shape[-1] != t or t % block or t < 2 * block:
+        return dot_product_attention(q, k, v, mask)
+    blocks = key_blocks(t, window, block)
+    return jax.lax.cond(skipping_is_exact(mask, blocks),
+                        lambda *a: skipping_attention(*a, blocks), dot_product_attention,
+                        q, k, v, mask)
+
+
+def skipping_is_exact(mask: jax.Array, blocks) -> jax.Array:
+    """bool []: every visible key of `mask` [B, T, S] lies inside `blocks`, every query sees one."""
+    inside = np.zeros(mask.shape[1:], bool)
+    for q0, q1, k0, k1 in blocks:
+        inside[q0:q1, k0:k1] = True
+    return ~jnp.any(mask & ~inside) & jnp.all(jnp.any(mask, axis=-1))
+
+
+def skipping_attention(q, k, v, mask, blocks) -> jax.Array:
+    """dot_product_attention of each query block against its key block only."""
+    return jnp.concatenate([
+        dot_product_attention(q[:, q0:q1], k[..., k0:k1], v[:, :, k0:k1], mask[:, q0:q1, k0:k1])
+        for q0, q1, k0, k1 in blocks], axis=1)
 
 
 class KVCache(NamedTuple):
@@ -256,7 +306,7 @@ class Attention(nnx.Module):
         if cache is None:
             mask = attention_mask(positions, positions, window=window,
                                   q_seg=segment_ids, kv_seg=segment_ids)
-            out = dot_product_attention(q, k, v, mask)
+            out = blocked_attention(q, k, v, mask, window)
         else:
             stored = cache
             # Per-layer buffers of a decode loop are stored [B·K, ...] (see KVCache.per_layer).

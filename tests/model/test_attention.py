@@ -6,7 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxlm.model.attention import attention_mask, dot_product_attention
+from jaxlm.model.attention import (attention_mask, blocked_attention, dot_product_attention,
+                                   key_blocks, skipping_attention, skipping_is_exact)
 from jaxlm.model.layers import rope
 
 
@@ -134,3 +135,45 @@ def test_hand_written_gradient_matches_autodiff(n, kv, window):
     np.testing.assert_allclose(np.asarray(out), np.asarray(ref_out), atol=1e-5)
     for got, want, name in zip(vjp(d_out), ref_vjp(d_out), "qkv"):
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5, err_msg=f"d{name}")
+
+
+def test_key_blocks_of_the_bench_shape():
+    assert key_blocks(512, 256, 128) == ((0, 128, 0, 128), (128, 256, 0, 256),
+                                         (256, 384, 0, 384), (384, 512, 128, 512))
+    assert key_blocks(8, None, 4) == ((0, 4, 0, 4), (4, 8, 0, 8))
+
+
+def _packed_inputs(case):
+    """T=16 rows (4-row blocks) whose masks do or do not fit the index-causal blocks."""
+    rng = np.random.default_rng(5)
+    b, t, n, kv, h = 2, 16, 4, 2, 8
+    q = jnp.asarray(rng.normal(size=(b, t, n, h)), jnp.float32)
+    k, v = (jnp.asarray(rng.normal(size=(b, kv, t, h)), jnp.float32) for _ in range(2))
+    seg = np.array([[1] * 7 + [2] * 9, [1] * 16])                    # packed documents
+    pos = np.array([list(range(7)) + list(range(9)), list(range(16))])
+    if case == "positions off the index":   # row 2 counts down: later keys are visible
+        pos[1] = np.arange(16)[::-1]
+    if case == "padding query":             # a query at position -1 sees no key
+        pos[1, -1], seg[1, -1] = -1, 0
+    mask = attention_mask(jnp.asarray(pos), jnp.asarray(pos), window=5,
+                          q_seg=jnp.asarray(seg), kv_seg=jnp.asarray(seg))
+    return q, k.swapaxes(2, 3), v, mask        # keys [B, K, H, S]
+
+
+@pytest.mark.parametrize("case", ["packed", "positions off the index", "padding query"])
+def test_blocked_attention_equals_full_with_gradients(case):
+    q, k, v, mask = _packed_inputs(case)
+    blocks = key_blocks(16, 5, 4)
+    assert bool(skipping_is_exact(mask, blocks)) == (case == "packed")
+    d_out = jnp.asarray(np.random.default_rng(6).normal(size=q.shape), jnp.float32)
+    fns = {"full": dot_product_attention,
+           "blocked": lambda *a: blocked_attention(*a, window=5, block=4)}
+    if case == "packed":  # the skipping branch itself, not only the lax.cond around it
+        fns["skipping"] = lambda *a: skipping_attention(*a, blocks)
+    results = {name: jax.vjp(lambda q, k, v: fn(q, k, v, mask), q, k, v) for name, fn in fns.items()}
+    want_out, want_vjp = results.pop("full")
+    for name, (out, vjp) in results.items():
+        np.testing.assert_allclose(np.asarray(out), np.asarray(want_out), atol=1e-5, err_msg=name)
+        for got, want, arg in zip(vjp(d_out), want_vjp(d_out), "qkv"):
+            np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5,
+                                       err_msg=f"{name} d{arg}")
