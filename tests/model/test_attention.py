@@ -143,6 +143,19 @@ def test_key_blocks_of_the_bench_shape():
     assert key_blocks(8, None, 4) == ((0, 4, 0, 4), (4, 8, 0, 8))
 
 
+def test_long_sequences_use_at_most_16_blocks(monkeypatch):
+    calls = []
+    monkeypatch.setattr("jaxlm.model.attention.skipping_attention",
+                        lambda q, k, v, mask, blocks: calls.append(blocks) or q)
+    t = 4096
+    q = jax.ShapeDtypeStruct((1, t, 2, 8), jnp.float32)
+    k = jax.ShapeDtypeStruct((1, 1, 8, t), jnp.float32)
+    v = jax.ShapeDtypeStruct((1, 1, t, 8), jnp.float32)
+    mask = jax.ShapeDtypeStruct((1, t, t), jnp.bool_)
+    jax.eval_shape(lambda *a: blocked_attention(*a, window=None), q, k, v, mask)
+    assert len(calls[0]) == 16 and calls[0][1] == (256, 512, 0, 512)
+
+
 def _packed_inputs(case):
     """T=16 rows (4-row blocks) whose masks do or do not fit the index-causal blocks."""
     rng = np.random.default_rng(5)
