@@ -77,7 +77,8 @@ def logical_to_spec(names: Sequence[str | None], shape: Sequence[int],
 
 def is_split(name: str, dim: int) -> bool:
     """Whether a dimension of logical axis `name` and size `dim` is split across devices in the
-    current mesh context (`jax.set_mesh`); False outside one."""
+    current mesh context (`jax.set_mesh`); False outside one. It judges the name alone, which
+    matches a whole array's spec as long as RULES maps no two of its logical axes to one mesh axis."""
     mesh = jax.sharding.get_abstract_mesh()
     return not mesh.empty and logical_to_spec([name], [dim], dict(mesh.shape)) != P(None)
 

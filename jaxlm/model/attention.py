@@ -122,8 +122,10 @@ MAX_ATTENTION_BLOCKS = 16
 def key_blocks(t: int, window: int | None, block: int) -> tuple[tuple[int, int, int, int], ...]:
     """Static (q0, q1, k0, k1): the keys [k0, k1) that query rows [q0, q1) can see when key j is
     visible to query i only for i - W < j <= i (causal by index, window W), in `block` steps."""
-    return tuple((q0, q0 + block, 0 if window is None else max(0, (q0 - window + 1) // block * block),
-                  q0 + block) for q0 in range(0, t, block))
+    def first_key(q0: int) -> int:  # the block holding key q0 - W + 1, the oldest one visible
+        return 0 if window is None else max(0, (q0 - window + 1) // block * block)
+
+    return tuple((q0, q0 + block, first_key(q0), q0 + block) for q0 in range(0, t, block))
 
 
 def blocked_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
