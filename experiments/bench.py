@@ -283,7 +283,8 @@ def _with_config(model, **changes):
 def bench_moe(setup: Setup, peak: float) -> list[dict]:
     """One MoE FFN layer (bench.json: E experts, top-k, d_model, ffn) trained on batch x seq_len
     tokens: dense SwiGLU of the same active FLOPs, capacity and dropless dispatch, an expert sweep;
-    with --vs hf, transformers' MixtralSparseMoeBlock of the same shape (forward + backward)."""
+    with --vs hf, transformers' MixtralSparseMoeBlock of the same shape (forward + backward).
+    Every backward computes the input gradient as well as the weights' (see moe_bench)."""
     from moe_bench import bench_moe as moe_rows
 
     m, t = setup.spec["moe"], setup.spec["train"]
@@ -302,10 +303,11 @@ def bench_moe(setup: Setup, peak: float) -> list[dict]:
                                          num_experts_per_tok=m["top_k"])
         torch.manual_seed(0)
         block = transformers.models.mixtral.modeling_mixtral.MixtralSparseMoeBlock(cfg)
-        x = torch.randn(rows_, seq_len, setup.cfg.d_model)
+        x = torch.randn(rows_, seq_len, setup.cfg.d_model, requires_grad=True)  # dx too, as jaxlm
 
         def run_hf():
             block.zero_grad(set_to_none=True)
+            x.grad = None
             out = block(x)
             y = out[0] if isinstance(out, tuple) else out
             y.square().mean().backward()

@@ -22,7 +22,10 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 
 def _layer_step(layer, x, valid):
-    """A jitted training step of one FFN layer: loss = mean(y²) + aux_loss, grads of weights."""
+    """A jitted training step of one FFN layer: loss = mean(y²) + aux_loss, gradients of the
+    weights and of the input x (inside a model every layer's backward computes dx for the layer
+    below; without it XLA would drop the dense layer's dx matmuls, 2 of its 9, but not the MoE's,
+    whose backward computes dx inside a loop)."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
@@ -37,7 +40,7 @@ def _layer_step(layer, x, valid):
         y, aux = module(x, valid, MoEMode(train=True)) if is_moe else (module(x), {})
         return jnp.mean(jnp.square(y.astype(jnp.float32))) + aux.get("aux_loss", 0.0)
 
-    step = jax.jit(jax.value_and_grad(loss))
+    step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
     return lambda: jax.block_until_ready(step(state, x))
 
 

@@ -7,6 +7,7 @@ Dimension letters, used in every einsum string, shape comment and sharding name:
     G query heads per kv head (N = K * G)  H head dim
     F MLP hidden       E experts           C expert capacity
     R experts chosen per token (top-k)     V vocabulary       L layers
+    M rows of token-expert assignments sorted by expert (dropless MoE), or a chunk of them
 
 Logical axis names carried by parameters and activations (mapped to mesh axes by the one table in
 `jaxlm.sharding`): layers, vocab, embed, heads, kv_heads, head_dim, mlp, norm, expert,

@@ -7,9 +7,10 @@ capacity  GShard §2.2 / Switch §2.2. Each expert of a group (a sequence, or `g
           token passes through the residual. Priority is GShard's: every token's 1st choice, in
           position order, before any token's 2nd choice. One-hot dispatch / combine tensors
           [B, T, E, C] and named einsums keep every shape static (the TPU-friendly path).
-dropless  MegaBlocks. All assignments sorted by expert and computed with a grouped matmul
-          (jax.lax.ragged_dot; on CPU, where ragged_dot is a dense masked matmul over all
-          experts, a batched matmul over expert-homogeneous row blocks); nothing is dropped.
+dropless  MegaBlocks. All assignments sorted by expert and computed with grouped matmuls
+          (`grouped_experts`: jax.lax.ragged_dot on TPU / GPU; on CPU, where ragged_dot is a
+          dense masked matmul over all experts, a loop of row chunks per expert); nothing is
+          dropped.
 
 Expert parallelism. With a mesh in context the expert FFN runs inside `jax.shard_map`, its weights
 [E, D, F] entering as P(expert, None, mlp axes): split over the `expert` mesh axis (and F over
@@ -36,15 +37,8 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from jaxlm.config import Dispatch
+from jaxlm.model.grouped_experts import ExpertWeights, grouped_swiglu_rows
 from jaxlm.sharding import RULES, logical_to_spec
-
-
-class ExpertWeights(NamedTuple):
-    """One layer's E SwiGLU experts: gate, up [E, D, F]; down [E, F, D] (compute dtype)."""
-
-    gate: jax.Array
-    up: jax.Array
-    down: jax.Array
 
 
 # Capacity path ----------------------------------------------------------------------------------
@@ -141,43 +135,6 @@ def _capacity_experts(expert_in: jax.Array, w: ExpertWeights) -> jax.Array:
 
 
 # Dropless path ----------------------------------------------------------------------------------
-BLOCK_ROWS = 128  # rows per block of the blocked grouped matmul (CPU)
-
-
-def blocked_grouped_matmul(x: jax.Array, w: jax.Array, sizes: jax.Array,
-                           block: int = BLOCK_ROWS) -> jax.Array:
-    """`jax.lax.ragged_dot(x, w, sizes)` as a batched matmul over expert-homogeneous row blocks.
-
-    x [M, K] rows sorted by group, w [G, K, N], sizes [G] (rows after sum(sizes) give 0).
-    XLA:CPU lowers ragged_dot to a dense masked matmul over every group (G x the FLOPs), so on
-    CPU each group's rows are padded to a multiple of `block`, every block takes its group's
-    weight (a gather of [blocks, K, N]) and one batched einsum does the work: at most
-    M + G·(block-1) rows of compute (MegaBlocks' block-sparse layout, without its kernels).
-    """
-    m, k = x.shape
-    groups = w.shape[0]
-    n_blocks = -(-m // block) + groups                        # static bound on used blocks
-    padded = -(-sizes // block) * block                       # [G] rows per group, padded
-    start = jnp.cumsum(sizes) - sizes                         # [G] first row of each group
-    pstart = jnp.cumsum(padded) - padded                      # [G] ... in the padded layout
-    row_group = jnp.searchsorted(jnp.cumsum(sizes), jnp.arange(m), side="right")  # [M]; G = none
-    g = jnp.minimum(row_group, groups - 1)
-    dest = jnp.where(row_group < groups, pstart[g] + jnp.arange(m) - start[g], n_blocks * block)
-    xb = jnp.zeros((n_blocks * block, k), x.dtype).at[dest].set(x, mode="drop")
-    block_group = jnp.searchsorted(jnp.cumsum(padded), jnp.arange(n_blocks) * block, side="right")
-    wb = w[jnp.minimum(block_group, groups - 1)]              # [blocks, K, N]; unused blocks: 0 rows
-    yb = jnp.einsum("bmk,bkn->bmn", xb.reshape(n_blocks, block, k), wb)
-    return jnp.take(yb.reshape(n_blocks * block, -1), dest, axis=0, mode="fill", fill_value=0)
-
-
-def grouped_matmul(x: jax.Array, w: jax.Array, sizes: jax.Array) -> jax.Array:
-    """The grouped matmul of the dropless path: ragged_dot where the backend has a grouped
-    lowering (TPU, GPU); the blocked form on CPU (see blocked_grouped_matmul)."""
-    if jax.default_backend() == "cpu":
-        return blocked_grouped_matmul(x, w, sizes)
-    return jax.lax.ragged_dot(x, w, sizes)
-
-
 def grouped_swiglu(x: jax.Array, experts: jax.Array, gates: jax.Array,
                    w: ExpertWeights) -> jax.Array:
     """Grouped-matmul experts (MegaBlocks): x [B, T, D], experts/gates [B, T, R] -> [B, T, D].
@@ -192,9 +149,7 @@ def grouped_swiglu(x: jax.Array, experts: jax.Array, gates: jax.Array,
     order = jnp.argsort(flat, stable=True)                      # assignments grouped by expert
     sizes = jnp.bincount(flat, length=n_groups)                 # [E]; id E is not counted
     xs = x.reshape(b * t, d)[order // r]                        # [B·T·R, D]
-    gate = grouped_matmul(xs, w.gate, sizes)                    # [B·T·R, F]
-    hidden = jax.nn.silu(gate) * grouped_matmul(xs, w.up, sizes)
-    ys = grouped_matmul(hidden, w.down, sizes)                  # [B·T·R, D]
+    ys = grouped_swiglu_rows(xs, sizes, w)                      # [B·T·R, D]
     ys = ys[jnp.argsort(order)].reshape(b, t, r, d)             # back to token order
     ys = jnp.where(ours[..., None], ys, 0)                      # rows outside every group
     return jnp.einsum("BTRD,BTR->BTD", ys, gates.astype(x.dtype))
