@@ -17,9 +17,9 @@ cotangents are masked to 0 so they add nothing to the weight gradients.
 Measured on the bench MoE layer (E=8, top-2, 2048 tokens = 4096 assignments, D=512, F=1408;
 forward + backward with weight and input gradients; `python experiments/bench.py moe`): the
 previous CPU form, a batched matmul over 128-row blocks that gathered each block's expert weights
-(`[blocks, D, F]`) and scatter-added their gradients, took 1.94x the time of the dense SwiGLU of
+(`[blocks, D, F]`) and scatter-added their gradients, took 2.0-2.2x the time of the dense SwiGLU of
 the same active FLOPs; 128-row blocks in this loop ~1.35x; this chunk ladder with gate and up
-fused into one matmul 1.11x (E=4: 1.05x, E=16: 1.29x).
+fused into one matmul 1.11-1.22x (E=4: 1.05x, E=16: 1.29x).
 """
 from __future__ import annotations
 
