@@ -194,10 +194,18 @@ def ragged_swiglu(xs: jax.Array, sizes: jax.Array, w: ExpertWeights) -> jax.Arra
     return jax.lax.ragged_dot(hidden, w.down, sizes)
 
 
+def target_platform() -> str:
+    """The platform the program is traced for: the devices of the mesh in context, else the
+    default backend. They differ when a CPU host compiles for TPU devices (AOT, experiments/
+    aot_check.py), which must get the TPU form."""
+    device = jax.sharding.get_abstract_mesh().abstract_device
+    return device.platform if device is not None else jax.default_backend()
+
+
 def grouped_swiglu_rows(xs: jax.Array, sizes: jax.Array, w: ExpertWeights) -> jax.Array:
-    """xs [M, D] sorted by expert, sizes [E] -> [M, D]; the backend's fastest exact form."""
+    """xs [M, D] sorted by expert, sizes [E] -> [M, D]; the target platform's fastest exact form."""
     w = ExpertWeights(*map(jnp.asarray, w))   # NumPy weights can't be indexed by a traced expert
-    if jax.default_backend() == "cpu":
+    if target_platform() == "cpu":
         # In shard_map, rows and weights vary over different mesh axes (batch vs expert / F
         # splits). Cast both to the union before the custom gradient, whose cotangents must have
         # its inputs' types; autodiff turns the casts into the psums the gradients need.

@@ -7,7 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxlm.model.grouped_experts import CHUNKS, ExpertWeights, chunked_swiglu, ragged_swiglu, row_chunks
+from jaxlm.model.grouped_experts import (CHUNKS, ExpertWeights, chunked_swiglu, grouped_swiglu_rows,
+                                        ragged_swiglu, row_chunks)
 
 
 def _weights(rng, e, d, f, dtype=jnp.float32):
@@ -70,3 +71,17 @@ def test_row_chunks_cover_each_row_once(n_rows):
     want[start:start + n_rows] = 1
     np.testing.assert_array_equal(seen, want)
     assert CHUNKS[0] % CHUNKS[-1] == 0
+
+
+@pytest.mark.parametrize("platform,want", [("tpu", "ragged_dot_general"), ("cpu", "while")])
+def test_form_follows_the_mesh_platform(platform, want):
+    """A CPU host compiling for TPU devices (AOT) must trace ragged_dot, not the CPU loop."""
+    from jax.sharding import AbstractDevice, AbstractMesh
+    mesh = AbstractMesh((1,), ("data",), abstract_device=AbstractDevice(
+        device_kind="test", num_cores=1, platform=platform))
+    rng = np.random.default_rng(0)
+    x, w = jnp.asarray(rng.normal(size=(8, 4)), jnp.float32), _weights(rng, 2, 4, 6)
+    with jax.sharding.use_abstract_mesh(mesh):
+        jaxpr = str(jax.make_jaxpr(grouped_swiglu_rows)(x, jnp.asarray([3, 5]), w))
+    other = {"ragged_dot_general": "while", "while": "ragged_dot_general"}[want]
+    assert want in jaxpr and other not in jaxpr
