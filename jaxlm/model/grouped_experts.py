@@ -10,9 +10,11 @@ each expert's rows run through a loop of row chunks against that expert's weight
 hand-written gradient (`chunked_swiglu`). Chunks are 512 rows while they fit, then one each of
 256/128/64/32 for the rest (the binary ladder of the remainder rounded up to 32 rows), so an
 expert wastes under 32 rows of compute and most of its rows run as large, efficient GEMMs. Rows a
-chunk reads past its expert's end are the next experts' rows or zero padding: their outputs are
-overwritten when the later experts run (experts go in order), and in the backward their
-cotangents are masked to 0 so they add nothing to the weight gradients.
+chunk reads past its expert's end are the next experts' rows, rows past sum(sizes) (tokens of
+other devices' experts under expert parallelism) or zero padding: their outputs are overwritten
+when the later experts run (experts go in order) or masked at the end, and the backward masks
+them to 0 so they add nothing to the weight gradients. Sizes that add up past M are cut to the
+rows there are. Reverse mode only (a custom_vjp: no jax.jvp / jacfwd through the CPU form).
 
 Measured on the bench MoE layer (E=8, top-2, 2048 tokens = 4096 assignments, D=512, F=1408;
 forward + backward with weight and input gradients; `python experiments/bench.py moe`): the
@@ -72,7 +74,14 @@ def _rows(a: jax.Array, first: jax.Array, rows: int) -> jax.Array:
 
 
 def _put(a: jax.Array, value: jax.Array, first: jax.Array) -> jax.Array:
-    return jax.lax.dynamic_update_slice_in_dim(a, value, first, 0)
+    return jax.lax.dynamic_update_slice_in_dim(a, value.astype(a.dtype), first, 0)
+
+
+def _rows_there_are(sizes: jax.Array, m: int) -> jax.Array:
+    """sizes cut so that they add up to at most m (as ragged_dot treats them): a chunk reading
+    past the array would have its start clamped by dynamic_slice and overwrite earlier rows."""
+    starts = jnp.cumsum(sizes) - sizes
+    return jnp.clip(sizes, 0, jnp.maximum(m - starts, 0))
 
 
 def _varying_like(arrays, *inputs):
@@ -95,6 +104,7 @@ def _forward(xs, sizes, w: ExpertWeights, save: bool):
     """-> (y [M, D], gate|up pre-activations [M + PAD, 2F] or None)."""
     m, d = xs.shape
     f = w.gate.shape[-1]
+    sizes = _rows_there_are(sizes, m)
     xp = jnp.concatenate([xs, jnp.zeros((PAD, d), xs.dtype)])
 
     def expert(e, first, carry):
@@ -127,10 +137,10 @@ def _silu(g):
 def chunked_swiglu(xs: jax.Array, sizes: jax.Array, w: ExpertWeights) -> jax.Array:
     """xs [M, D] sorted by expert, sizes [E] -> [M, D]: every row through its expert's SwiGLU.
 
-    Forward saves the gate and up pre-activations ([M, 2F]); the backward recomputes silu and runs
-    the same chunk loop: dX, and per expert the weight gradients accumulated in float32 over its
-    chunks (contracting over rows with the small [rows, D] operand in the transposed role, as in
-    `jaxlm.model.mlp.swiglu`).
+    Forward saves the gate and up pre-activations ([M + PAD, 2F]); the backward recomputes silu
+    and runs the same chunk loop: dX, and per expert the weight gradients accumulated in float32
+    over its chunks (contracting over rows with the small [rows, D] operand in the transposed
+    role, as in `jaxlm.model.mlp.swiglu`).
     """
     return _forward(xs, sizes, w, save=False)[0]
 
@@ -144,6 +154,7 @@ def _chunked_bwd(res, dy):
     xs, sizes, w, saved = res
     m, d = xs.shape
     f = w.gate.shape[-1]
+    sizes = _rows_there_are(sizes, m)
     xp = jnp.concatenate([xs, jnp.zeros((PAD, d), xs.dtype)])
     dyp = jnp.concatenate([dy, jnp.zeros((PAD, d), dy.dtype)])
     f32 = jnp.float32
@@ -156,8 +167,10 @@ def _chunked_bwd(res, dy):
         def chunk(rows, start, valid, acc):
             dx, a_gu, a_down = acc
             inside = (jnp.arange(rows) < valid)[:, None]
-            dyb = jnp.where(inside, _rows(dyp, start, rows), 0)          # rows of later experts: 0
-            gu = _rows(saved, start, rows).astype(f32)
+            # Rows past the expert's end: 0 in every operand, so that 0 * inf can't reach dW.
+            dyb = jnp.where(inside, _rows(dyp, start, rows), 0)
+            xb = jnp.where(inside, _rows(xp, start, rows), 0)
+            gu = jnp.where(inside, _rows(saved, start, rows).astype(f32), 0)
             g, u = gu[:, :f], gu[:, f:]
             sig = jax.nn.sigmoid(g)
             act = g * sig                                                # silu(g)
@@ -166,7 +179,7 @@ def _chunked_bwd(res, dy):
                                          preferred_element_type=f32)
             d_gu = jnp.concatenate([d_hidden * u * sig * (1.0 + g * (1.0 - sig)),   # silu'(g)
                                     d_hidden * act], axis=1).astype(xs.dtype)       # [M, 2F]
-            a_gu = a_gu + jnp.einsum("MD,MF->DF", _rows(xp, start, rows), d_gu,
+            a_gu = a_gu + jnp.einsum("MD,MF->DF", xb, d_gu,
                                      preferred_element_type=f32)
             dx = _put(dx, jnp.einsum("MF,DF->MD", d_gu, gate_up), start)
             return dx, a_gu, a_down

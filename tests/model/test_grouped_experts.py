@@ -1,7 +1,8 @@
 """The CPU chunk-loop grouped SwiGLU (`chunked_swiglu`, hand-written gradient) equals the same
 experts computed with jax.lax.ragged_dot and autodiff, values and gradients (rows, all weights),
-for empty experts, one expert with every row, sizes summing short of the rows, and sizes that
-exercise every chunk of the ladder (512-row chunks, then 256 ... 32, the last one padded)."""
+for empty experts, one expert with every row, sizes summing short of or past the rows, no rows,
+and sizes that exercise every chunk of the ladder (512-row chunks, then 256 ... 32, the last one
+padded)."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -22,6 +23,8 @@ def _weights(rng, e, d, f, dtype=jnp.float32):
     ([40, 1, 0, 0], 41),
     ([1100, 0, 33, 480], 1613),   # 512-row chunks, then 64 + 32 (padded) ... and 480 = 256+128+64+32
     ([0, 991, 0, 0], 991),        # 512 + 256 + 128 + 64 + 32 (padded)
+    ([20, 40], 37),               # sizes past the rows: cut to the rows there are, as ragged_dot
+    ([0, 0], 0),                  # no rows at all
 ])
 def test_chunked_swiglu_equals_ragged_dot(sizes, rows):
     rng = np.random.default_rng(0)
@@ -40,8 +43,21 @@ def test_chunked_swiglu_equals_ragged_dot(sizes, rows):
     np.testing.assert_allclose(dx, dx_ref, atol=2e-5, rtol=1e-5)
     for got, want in zip(dw, dw_ref):
         np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-5)
-    total = int(sizes.sum())
+    total = min(int(sizes.sum()), rows)
     assert np.all(np.asarray(y[total:]) == 0) and np.all(np.asarray(dx[total:]) == 0)
+
+
+def test_rows_past_every_expert_do_not_reach_the_gradients():
+    """Rows after sum(sizes) (other devices' experts under expert parallelism) may hold anything:
+    a chunk that reads them must not turn 0 * inf into NaN weight gradients."""
+    rng = np.random.default_rng(2)
+    sizes = jnp.asarray([3, 40], jnp.int32)
+    x = np.asarray(rng.normal(size=(50, 8)), np.float32)
+    x[43:] = [np.inf] * 4 + [1e30] * 4
+    x, w = jnp.asarray(x), _weights(rng, 2, 8, 12)
+    for fn in (chunked_swiglu, ragged_swiglu):
+        grads = jax.grad(lambda w: jnp.sum(fn(x, sizes, w)[:43] ** 2))(w)
+        assert all(np.isfinite(np.asarray(g)).all() for g in grads), fn.__name__
 
 
 def test_chunked_swiglu_bfloat16_close_to_float32():
@@ -57,20 +73,31 @@ def test_chunked_swiglu_bfloat16_close_to_float32():
         np.testing.assert_allclose(np.asarray(a, np.float32), b, rtol=0.05, atol=0.05 * float(jnp.max(jnp.abs(b))))
 
 
-@pytest.mark.parametrize("n_rows", [0, 1, 31, 32, 33, 511, 512, 513, 1000, 1536, 2047])
-def test_row_chunks_cover_each_row_once(n_rows):
-    """Chunks tile [start, start + n_rows) in order, each valid row once, padding < CHUNKS[-1]."""
+@pytest.mark.parametrize("n_rows,limit", [(0, 2048), (1, 2048), (31, 2048), (32, 2048), (33, 2048),
+                                          (511, 2048), (512, 2048), (513, 2048), (1000, 2048),
+                                          (1536, 2048), (2047, 2048), (40, 64), (100, 130)])
+def test_row_chunks_cover_each_row_once(n_rows, limit):
+    """Chunks tile [start, start + n_rows) in order, each valid row once, read under CHUNKS[-1]
+    rows past the end, and use no chunk larger than `limit` (the array the chunks slice)."""
     start = 7
 
-    def body(rows, first, valid, seen):
-        idx = first + jnp.arange(rows)
-        return seen.at[idx].add(jnp.where(jnp.arange(rows) < valid, 1, 0), mode="drop")
+    chunk_sizes = []                      # the static chunk sizes the program was traced with
 
-    seen = jax.jit(lambda n: row_chunks(jnp.int32(start), n, body, jnp.zeros(3000, jnp.int32), limit=2048))(n_rows)
+    def body(rows, first, valid, carry):
+        chunk_sizes.append(rows)
+        seen, end = carry
+        idx = first + jnp.arange(rows)
+        seen = seen.at[idx].add(jnp.where(jnp.arange(rows) < valid, 1, 0), mode="drop")
+        return seen, jnp.maximum(end, first + rows)
+
+    run = lambda n: row_chunks(jnp.int32(start), n, body,
+                               (jnp.zeros(3000, jnp.int32), jnp.int32(start)), limit=limit)
+    seen, end = jax.jit(run)(n_rows)
     want = np.zeros(3000, np.int32)
     want[start:start + n_rows] = 1
     np.testing.assert_array_equal(seen, want)
-    assert CHUNKS[0] % CHUNKS[-1] == 0
+    assert 0 <= int(end) - (start + n_rows) < CHUNKS[-1]   # reads under 32 rows past the end
+    assert max(chunk_sizes) <= limit
 
 
 @pytest.mark.parametrize("platform,want", [("tpu", "ragged_dot_general"), ("cpu", "while")])
