@@ -8,7 +8,9 @@ Mesh axes, outermost to innermost (the innermost gets the fastest ICI links on a
     data    pure data parallelism: parameters replicated, batch split.
     fsdp    batch split *and* parameters/optimizer state split (ZeRO-3 / FSDP): weights are
             all-gathered layer by layer inside the scan.
-    expert  experts of an MoE layer split; batch split elsewhere.
+    expert  experts of an MoE layer split; elsewhere a batch axis, over which the non-expert
+            weights are split as over fsdp (`embed` -> fsdp, expert: an expert weight's E
+            dimension takes `expert` first, so its D stays on fsdp).
     tensor  Megatron-style tensor parallelism: heads and the MLP hidden dimension split.
 """
 from __future__ import annotations
@@ -32,7 +34,7 @@ RULES: dict[str, tuple[str, ...]] = {
     # parameters
     "layers": (),                        # the scanned layer axis is never split
     "vocab": ("tensor",),
-    "embed": ("fsdp",),
+    "embed": ("fsdp", "expert"),         # non-expert weights: ZeRO over the expert axis too
     "heads": ("tensor",),
     "kv_heads": ("tensor",),
     "head_dim": (),
@@ -78,7 +80,9 @@ def logical_to_spec(names: Sequence[str | None], shape: Sequence[int],
 def is_split(name: str, dim: int) -> bool:
     """Whether a dimension of logical axis `name` and size `dim` is split across devices in the
     current mesh context (`jax.set_mesh`); False outside one. It judges the name alone, which
-    matches a whole array's spec as long as RULES maps no two of its logical axes to one mesh axis."""
+    matches a whole array's spec as long as RULES maps no two of its logical axes to one mesh axis
+    (true for heads / kv_heads, its callers; not for an expert weight's embed, which loses
+    `expert` to the E dimension)."""
     mesh = jax.sharding.get_abstract_mesh()
     return not mesh.empty and logical_to_spec([name], [dim], dict(mesh.shape)) != P(None)
 

@@ -21,17 +21,20 @@ MESHES = {
 }
 
 # test_moe: D = 64, F = 64, E = 8. Written out by hand from jaxlm.sharding.RULES
-# (expert -> expert, mlp -> tensor, embed -> fsdp); the router [D, E] is split only by fsdp.
+# (expert -> expert, mlp -> tensor, embed -> fsdp then expert). Expert weights take `expert` on
+# their E dimension, so their D goes over fsdp only; the router [D, E] (like every non-expert
+# weight) splits D over fsdp and expert.
 EXPECTED = {
     "expert8": {"gate": P("expert", None, None), "up": P("expert", None, None),
-                "down": P("expert", None, None), "router": P(None, None)},
+                "down": P("expert", None, None), "router": P("expert", None)},
     "expert4_data2": {"gate": P("expert", None, None), "up": P("expert", None, None),
-                      "down": P("expert", None, None), "router": P(None, None)},
+                      "down": P("expert", None, None), "router": P("expert", None)},
     "expert2_tensor2_data2": {"gate": P("expert", None, "tensor"), "up": P("expert", None, "tensor"),
-                              "down": P("expert", "tensor", None), "router": P(None, None)},
+                              "down": P("expert", "tensor", None), "router": P("expert", None)},
     "expert2_tensor2_fsdp2": {"gate": P("expert", "fsdp", "tensor"),
                               "up": P("expert", "fsdp", "tensor"),
-                              "down": P("expert", "tensor", "fsdp"), "router": P("fsdp", None)},
+                              "down": P("expert", "tensor", "fsdp"),
+                              "router": P(("fsdp", "expert"), None)},
     "fsdp2_tensor4": {"gate": P(None, "fsdp", "tensor"), "up": P(None, "fsdp", "tensor"),
                       "down": P(None, "tensor", "fsdp"), "router": P("fsdp", None)},
 }

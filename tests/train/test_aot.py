@@ -48,11 +48,12 @@ def test_compiled_shardings_follow_the_table(moe_compiled):
     assert report.sharding_mismatches == []
     state_in, batch_in = compiled.input_shardings[0]
     mesh = state_in.params["layers"]["moe"]["up"].mesh
-    # Spot checks against the table: experts over `expert`, embed over `fsdp`, mlp over `tensor`.
+    # Spot checks against the table: experts over `expert`, embed over `fsdp` (and `expert` for
+    # non-expert weights), mlp over `tensor`.
     assert state_in.params["layers"]["moe"]["up"].is_equivalent_to(
         NamedSharding(mesh, P(None, "expert", "fsdp", "tensor")), 4)
     assert state_in.params["embed"]["embedding"].is_equivalent_to(
-        NamedSharding(mesh, P("tensor", "fsdp")), 2)
+        NamedSharding(mesh, P("tensor", ("fsdp", "expert"))), 2)
     # Adam's moments are sharded like their parameters, not replicated (8 bytes per parameter).
     mu = state_in.opt_state[1][0].mu
     assert mu["layers"]["moe"]["up"].is_equivalent_to(state_in.params["layers"]["moe"]["up"], 4)
