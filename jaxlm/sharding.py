@@ -58,10 +58,13 @@ def logical_to_spec(names: Sequence[str | None], shape: Sequence[int],
     if len(names) != len(shape):
         raise ValueError(f"logical axes {tuple(names)} do not match array rank {len(shape)}")
     used: set[str] = set()
-    spec = []
-    for name, dim in zip(names, shape):
+    spec: list = [None] * len(names)
+    # An `expert` dimension claims its mesh axis first, wherever it sits among the names:
+    # `embed` may also use that axis, but only when the array has no expert dimension.
+    order = sorted(range(len(names)), key=lambda i: names[i] != "expert")
+    for i in order:
+        name, dim = names[i], shape[i]
         if name is None:
-            spec.append(None)
             continue
         if name not in RULES:
             raise KeyError(f"logical axis {name!r} is not in jaxlm.sharding.RULES; add it there")
@@ -73,7 +76,7 @@ def logical_to_spec(names: Sequence[str | None], shape: Sequence[int],
             chosen.append(axis)
             size *= n
         used.update(chosen)
-        spec.append(None if not chosen else chosen[0] if len(chosen) == 1 else tuple(chosen))
+        spec[i] = None if not chosen else chosen[0] if len(chosen) == 1 else tuple(chosen)
     return P(*spec)
 
 

@@ -42,6 +42,15 @@ def test_table_skips_axes_that_do_not_divide_or_repeat():
         logical_to_spec(("widgets",), (4,), shape)
 
 
+def test_expert_dimension_claims_the_expert_axis_before_embed():
+    """Non-expert weights split D over fsdp x expert; an expert weight's E takes `expert` whether
+    it is named before or after `embed`."""
+    shape = {"data": 1, "fsdp": 2, "expert": 4, "tensor": 2}
+    assert logical_to_spec(("embed", None), (64, 8), shape) == P(("fsdp", "expert"), None)
+    assert logical_to_spec(("expert", "embed", "mlp"), (8, 64, 32), shape) == P("expert", "fsdp", "tensor")
+    assert logical_to_spec(("embed", "expert", "mlp"), (64, 8, 32), shape) == P("fsdp", "expert", "tensor")
+
+
 MESHES = {
     "data8": MeshConfig(data=8, fsdp=1),
     "data2_fsdp4": MeshConfig(data=2, fsdp=4),
@@ -136,6 +145,37 @@ def test_blocked_attention_sharded_equals_single_device():
     np.testing.assert_allclose(logits, ref_logits, atol=1e-5)
     assert abs(loss - ref_loss) < 1e-5
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), grads, ref_grads)
+
+
+def test_blocked_attention_fallback_sharded_equals_single_device():
+    """Padding queries (they see no key) send blocked_attention to its fallback, each query
+    block against every key; under a mesh it equals one device, outputs and gradients."""
+    from jax.sharding import NamedSharding
+
+    from jaxlm.model.attention import attention_mask, blocked_attention, dot_product_attention
+
+    rng = np.random.default_rng(7)
+    b, t, n, kv, h = 8, 32, 4, 2, 8
+    q = jnp.asarray(rng.normal(size=(b, t, n, h)), jnp.float32)
+    k = jnp.asarray(rng.normal(size=(b, kv, h, t)), jnp.float32)
+    v = jnp.asarray(rng.normal(size=(b, kv, t, h)), jnp.float32)
+    pos = np.tile(np.arange(t), (b, 1))
+    pos[0, -3:], pos[3, 10:12] = -1, -1                       # padding queries (and keys)
+    mask = attention_mask(jnp.asarray(pos), jnp.asarray(pos), window=6)
+    d_out = jnp.asarray(rng.normal(size=q.shape), jnp.float32)
+
+    def run(q, k, v, mask, fn):
+        out, vjp = jax.vjp(lambda q, k, v: fn(q, k, v, mask), q, k, v)
+        return out, vjp(d_out)
+
+    blocked = lambda *a: blocked_attention(*a, window=6, block=8)
+    want = jax.jit(run, static_argnums=4)(q, k, v, mask, dot_product_attention)
+    mesh = make_mesh(MeshConfig(fsdp=2, tensor=4))
+    with jax.set_mesh(mesh):
+        put = lambda a: jax.device_put(a, NamedSharding(mesh, P("fsdp")))
+        got = jax.jit(run, static_argnums=4)(*map(put, (q, k, v, mask)), blocked)
+    jax.tree.map(lambda a, w: np.testing.assert_allclose(np.asarray(a), np.asarray(w), atol=1e-5),
+                 got, want)
 
 
 def specs_for(specs, key):

@@ -83,8 +83,9 @@ class MoE(nnx.Module):
     """Router [D, E] + E SwiGLU experts gate/up [E, D, F], down [E, F, D].
 
     Expert weights carry logical axes ("expert", "embed", "mlp"): split over the `expert` mesh axis
-    (expert parallelism), F over `tensor`, D over `fsdp` (jaxlm.sharding.RULES). The router is
-    small and replicated over experts (every token needs every logit).
+    (expert parallelism), F over `tensor`, D over `fsdp` (jaxlm.sharding.RULES). The router's E
+    dimension is not split (every token needs every logit); its D is, like any non-expert
+    weight's, over `fsdp` and `expert`.
     """
 
     def __init__(self, cfg: ModelConfig, *, layers: int | None = None, rngs: nnx.Rngs):
