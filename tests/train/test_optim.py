@@ -68,4 +68,4 @@ def test_weight_decay_skips_only_norm_scales():
     updates, _ = jax.jit(tx.update)(grads, tx.init(pure), pure)
     np.testing.assert_allclose(updates["lm_head"], -0.1 * pure["lm_head"], rtol=1e-6)
     assert float(jnp.abs(updates["final_norm"]["scale"]).max()) == 0.0
-    assert optax.global_norm(updates["layers"]["mlp_norm"]) == 0.0
+    assert optax.tree.norm(updates["layers"]["mlp_norm"]) == 0.0
