@@ -111,7 +111,7 @@ def single_device():
 
 @pytest.mark.parametrize("mesh_name", sorted(MESHES))
 def test_sharded_equals_single_device(single_device, mesh_name):
-    cfg, tokens, (ref_logits, ref_loss, ref_grads) = single_device
+    cfg, tokens, reference = single_device
     mesh = make_mesh(MESHES[mesh_name])
     model = init_sharded(lambda: Transformer(cfg, rngs=nnx.Rngs(0)), mesh)
 
@@ -126,8 +126,13 @@ def test_sharded_equals_single_device(single_device, mesh_name):
             assert leaf.sharding.spec == (want or P(*[None] * leaf.ndim)), key
 
     with jax.set_mesh(mesh):
-        logits, loss, grads = _run(model, tokens)
-    # Tolerance: f32, different reduction orders across shards.
+        _assert_same_run(_run(model, tokens), reference)
+
+
+def _assert_same_run(got, want):
+    """(logits, loss, grads) of a sharded run equal the single-device ones. Tolerance: f32,
+    different reduction orders across shards."""
+    (logits, loss, grads), (ref_logits, ref_loss, ref_grads) = got, want
     np.testing.assert_allclose(logits, ref_logits, atol=1e-5)
     assert abs(loss - ref_loss) < 1e-5
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), grads, ref_grads)
@@ -137,14 +142,11 @@ def test_blocked_attention_sharded_equals_single_device():
     """T=256: training attention takes the block-skipping branch (lax.cond) under the mesh too."""
     cfg = get_preset("test_swa", max_seq_len=256)
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (8, 256)), jnp.int32)
-    ref_logits, ref_loss, ref_grads = _run(Transformer(cfg, rngs=nnx.Rngs(0)), tokens)
+    want = _run(Transformer(cfg, rngs=nnx.Rngs(0)), tokens)
     mesh = make_mesh(MESHES["fsdp2_tensor4"])
     model = init_sharded(lambda: Transformer(cfg, rngs=nnx.Rngs(0)), mesh)
     with jax.set_mesh(mesh):
-        logits, loss, grads = _run(model, tokens)
-    np.testing.assert_allclose(logits, ref_logits, atol=1e-5)
-    assert abs(loss - ref_loss) < 1e-5
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), grads, ref_grads)
+        _assert_same_run(_run(model, tokens), want)
 
 
 def test_blocked_attention_fallback_sharded_equals_single_device():

@@ -93,6 +93,17 @@ def _varying_like(arrays, *inputs):
         lambda a: a + sum(jnp.zeros_like(x, dtype=a.dtype, shape=()) for x in leaves), arrays)
 
 
+def _rows_past_experts_zeroed(a: jax.Array, sizes: jax.Array) -> jax.Array:
+    """a [M + PAD, D] -> [M, D] with the rows after sum(sizes) (no expert's) set to 0."""
+    m = a.shape[0] - PAD
+    return jnp.where((jnp.arange(m) < jnp.sum(sizes))[:, None], a[:m], 0)
+
+
+def _gate_up(w: ExpertWeights, e: jax.Array) -> jax.Array:
+    """Expert e's gate and up as one [D, 2F] matrix: one larger GEMM per chunk instead of two."""
+    return jnp.concatenate([w.gate[e], w.up[e]], axis=1)
+
+
 def _each_expert(sizes: jax.Array, body: Callable, carry):
     """carry = body(e, first_row, carry) for every expert with rows, in expert order."""
     starts = jnp.cumsum(sizes) - sizes
@@ -101,16 +112,14 @@ def _each_expert(sizes: jax.Array, body: Callable, carry):
 
 
 def _forward(xs, sizes, w: ExpertWeights, save: bool):
-    """-> (y [M, D], gate|up pre-activations [M + PAD, 2F] or None)."""
+    """-> (y [M, D], (xs padded [M + PAD, D], gate|up pre-activations [M + PAD, 2F]) if save)."""
     m, d = xs.shape
     f = w.gate.shape[-1]
     sizes = _rows_there_are(sizes, m)
     xp = jnp.concatenate([xs, jnp.zeros((PAD, d), xs.dtype)])
 
     def expert(e, first, carry):
-        # gate and up as one [D, 2F] matmul: one larger GEMM per chunk instead of two.
-        gate_up = jnp.concatenate([w.gate[e], w.up[e]], axis=1)        # [D, 2F]
-        down = w.down[e]
+        gate_up, down = _gate_up(w, e), w.down[e]
 
         def chunk(rows, start, valid, carry):
             y, saved = carry
@@ -124,8 +133,7 @@ def _forward(xs, sizes, w: ExpertWeights, save: bool):
     saved = jnp.zeros((m + PAD, 2 * f), xs.dtype) if save else None
     init = _varying_like((jnp.zeros((m + PAD, d), xs.dtype), saved), xs, sizes, w)
     y, saved = _each_expert(sizes, expert, init)
-    total = jnp.sum(sizes)
-    return jnp.where((jnp.arange(m) < total)[:, None], y[:m], 0), saved
+    return _rows_past_experts_zeroed(y, sizes), ((xp, saved) if save else None)
 
 
 def _silu(g):
@@ -146,23 +154,21 @@ def chunked_swiglu(xs: jax.Array, sizes: jax.Array, w: ExpertWeights) -> jax.Arr
 
 
 def _chunked_fwd(xs, sizes, w):
-    y, saved = _forward(xs, sizes, w, save=True)
-    return y, (xs, sizes, w, saved)
+    y, (xp, saved) = _forward(xs, sizes, w, save=True)
+    return y, (xp, sizes, w, saved)
 
 
 def _chunked_bwd(res, dy):
-    xs, sizes, w, saved = res
-    m, d = xs.shape
+    xp, sizes, w, saved = res             # xp: the rows padded by PAD zero rows, as the forward
+    m, d = dy.shape
     f = w.gate.shape[-1]
     sizes = _rows_there_are(sizes, m)
-    xp = jnp.concatenate([xs, jnp.zeros((PAD, d), xs.dtype)])
     dyp = jnp.concatenate([dy, jnp.zeros((PAD, d), dy.dtype)])
     f32 = jnp.float32
 
     def expert(e, first, carry):
         dx, d_gate, d_up, d_down = carry
-        gate_up = jnp.concatenate([w.gate[e], w.up[e]], axis=1)        # [D, 2F]
-        down = w.down[e]
+        gate_up, down = _gate_up(w, e), w.down[e]
 
         def chunk(rows, start, valid, acc):
             dx, a_gu, a_down = acc
@@ -175,10 +181,10 @@ def _chunked_bwd(res, dy):
             sig = jax.nn.sigmoid(g)
             act = g * sig                                                # silu(g)
             d_hidden = jnp.einsum("MD,FD->MF", dyb, down, preferred_element_type=f32)
-            a_down = a_down + jnp.einsum("MD,MF->DF", dyb, (act * u).astype(xs.dtype),
+            a_down = a_down + jnp.einsum("MD,MF->DF", dyb, (act * u).astype(xp.dtype),
                                          preferred_element_type=f32)
             d_gu = jnp.concatenate([d_hidden * u * sig * (1.0 + g * (1.0 - sig)),   # silu'(g)
-                                    d_hidden * act], axis=1).astype(xs.dtype)       # [M, 2F]
+                                    d_hidden * act], axis=1).astype(xp.dtype)       # [M, 2F]
             a_gu = a_gu + jnp.einsum("MD,MF->DF", xb, d_gu,
                                      preferred_element_type=f32)
             dx = _put(dx, jnp.einsum("MF,DF->MD", d_gu, gate_up), start)
@@ -192,9 +198,7 @@ def _chunked_bwd(res, dy):
 
     init = (jnp.zeros((m + PAD, d), dy.dtype), *map(jnp.zeros_like, w))
     dx, d_gate, d_up, d_down = _each_expert(sizes, expert, _varying_like(init, res, dy))
-    total = jnp.sum(sizes)
-    dx = jnp.where((jnp.arange(m) < total)[:, None], dx[:m], 0)
-    return dx, None, ExpertWeights(d_gate, d_up, d_down)
+    return _rows_past_experts_zeroed(dx, sizes), None, ExpertWeights(d_gate, d_up, d_down)
 
 
 chunked_swiglu.defvjp(_chunked_fwd, _chunked_bwd)
