@@ -421,6 +421,11 @@ def plot(rows: list[dict], path: str) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    from jaxlm.hostmem import keep_freed_memory
+
+    # Before JAX starts: XLA:CPU's per-call buffers stop page-faulting (jaxlm.hostmem). Process-wide,
+    # so transformers in this process gets the same allocator.
+    host_malloc = "kept" if keep_freed_memory() else "default"
     flags = [args.xla_flags] + ([f"--xla_dump_to={args.xla_dump}"] if args.xla_dump else [])
     os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""), *flags]).strip()
     PROFILE["dir"] = args.profile
@@ -433,8 +438,10 @@ def main(argv=None) -> int:
         for row in BENCHMARKS[name](setup, peak):  # every row carries the four JSON keys
             rows.append({"mfu": None, "hf_tokens_per_s": None, "ratio": None, **row})
     print(markdown(rows, peak))
+    print(f"host malloc: freed memory {host_malloc} (jaxlm.hostmem; JAXLM_HOST_MALLOC=0|1)")
     if args.json:
-        Path(args.json).write_text(json.dumps({"peak_flops": peak, "results": rows}, indent=2) + "\n")
+        Path(args.json).write_text(json.dumps({"peak_flops": peak, "host_malloc": host_malloc,
+                                               "results": rows}, indent=2) + "\n")
     if args.plot:
         plot(rows, args.plot)
     return 0

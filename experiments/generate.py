@@ -42,6 +42,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    from jaxlm.hostmem import keep_freed_memory
+
+    keep_freed_memory()  # CPU-only hosts: per-call XLA buffers stop page-faulting (jaxlm.hostmem)
     try:
         return run(args)
     except (ValueError, FileNotFoundError) as e:

@@ -27,7 +27,10 @@ config_flags.DEFINE_config_file("config", None, "experiment config file and pres
 
 def main(argv):
     del argv
+    from jaxlm.hostmem import keep_freed_memory
     from jaxlm.train.experiment import maybe_initialize_distributed
+
+    keep_freed_memory()  # CPU-only hosts: per-step XLA buffers stop page-faulting (jaxlm.hostmem)
 
     maybe_initialize_distributed()
     import jax
