@@ -20,7 +20,9 @@ def test_bench_smoke_against_transformers(tmp_path):
            "--json", str(out), "--plot", str(png)]
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
-    rows = json.loads(out.read_text())["results"]
+    result = json.loads(out.read_text())
+    assert result["host_malloc"] == "kept"  # JAX_PLATFORMS=cpu here: jaxlm.hostmem applied first
+    rows = result["results"]
     names = [r["benchmark"] for r in rows]
     assert names[:4] == ["train 2x16", "decode b=1", "decode b=2", "prefill T=16"]
     assert any(n.startswith("moe layer: moe dropless E=8") for n in names)
