@@ -423,11 +423,11 @@ def plot(rows: list[dict], path: str) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from jaxlm.hostmem import keep_freed_memory
+    from jaxlm.hostmem import keep_freed_memory_for_cli
 
     # Before JAX starts: XLA:CPU's per-call buffers stop page-faulting (jaxlm.hostmem). Process-wide,
     # so transformers in this process gets the same allocator.
-    host_malloc = "kept" if keep_freed_memory() else "default"
+    host_malloc = "kept" if keep_freed_memory_for_cli(by_default=True) else "default"
     flags = [args.xla_flags] + ([f"--xla_dump_to={args.xla_dump}"] if args.xla_dump else [])
     os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""), *flags]).strip()
     PROFILE["dir"] = args.profile

@@ -42,9 +42,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from jaxlm.hostmem import keep_freed_memory
+    from jaxlm.hostmem import keep_freed_memory_for_cli
 
-    keep_freed_memory()  # CPU-only hosts: per-call XLA buffers stop page-faulting (jaxlm.hostmem)
+    keep_freed_memory_for_cli(by_default=False)  # JAXLM_HOST_MALLOC=1: see jaxlm.hostmem
     try:
         return run(args)
     except (ValueError, FileNotFoundError) as e:

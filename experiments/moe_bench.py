@@ -100,9 +100,9 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--json", default=None, help="write the rows to this JSON file")
     args = p.parse_args(argv)
-    from jaxlm.hostmem import keep_freed_memory
+    from jaxlm.hostmem import keep_freed_memory_for_cli
 
-    keep_freed_memory()  # before JAX starts: see jaxlm.hostmem
+    keep_freed_memory_for_cli(by_default=True)  # before JAX starts: see jaxlm.hostmem
     rows = bench_moe(d_model=args.d_model, ffn=args.ffn, top_k=args.top_k,
                      expert_counts=tuple(int(e) for e in args.experts.split(",")),
                      batch=args.batch, seq_len=args.seq_len, capacity_factor=args.capacity_factor,

@@ -19,12 +19,6 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import pytest  # noqa: E402
 
-from jaxlm.hostmem import keep_freed_memory  # noqa: E402
-
-# Before JAX starts its threads: XLA:CPU's per-call buffers stop page-faulting (~15 % off the
-# model and train tests).
-keep_freed_memory()
-
 
 def pytest_runtest_setup(item):
     # Hardware markers skip with a reason instead of failing where the hardware is absent.
