@@ -73,7 +73,14 @@ def parse_args(argv=None):
 PROFILE: dict = {"dir": None, "name": None}
 
 
-def median_time(fn, repeats: int) -> float:
+class Seconds(float):
+    """A median time in seconds that also carries every timed run (`.runs`), for the JSON: one
+    slow repetition (a heap growing, a noisy neighbour) shows there instead of hiding."""
+
+    runs: tuple[float, ...] = ()
+
+
+def median_time(fn, repeats: int) -> Seconds:
     fn()  # warm-up: compilation and caches, never timed
     times = []
     for _ in range(repeats):
@@ -86,7 +93,9 @@ def median_time(fn, repeats: int) -> float:
         with jax.profiler.trace(os.path.join(PROFILE["dir"], PROFILE["name"])):
             fn()
         PROFILE["name"] = None
-    return statistics.median(times)
+    median = Seconds(statistics.median(times))
+    median.runs = tuple(times)
+    return median
 
 
 def measured_peak_flops() -> float:
@@ -165,7 +174,7 @@ def bench_decode(setup: Setup, peak: float) -> list[dict]:
         prompts = np.random.default_rng(0).integers(3, setup.cfg.vocab_size, (b, prompt_len))
         ours = setup.ours()
         t = median_time(lambda: generate(ours, prompts.tolist(), max_new_tokens=new), setup.args.repeats)
-        row = {"benchmark": f"decode b={b}", "tokens_per_s": b * new / t}
+        row = {"benchmark": f"decode b={b}", "tokens_per_s": b * new / t, "times_s": t.runs}
         row["mfu"] = forward_flops(setup.cfg, b * new, prompt_len + new // 2) / t / peak
         if setup.args.vs == "hf":
             ids = torch.tensor(prompts)
@@ -175,7 +184,7 @@ def bench_decode(setup: Setup, peak: float) -> list[dict]:
                     setup.hf().generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new,
                                         min_new_tokens=new, do_sample=False, pad_token_id=0)
             th = median_time(run_hf, setup.args.repeats)
-            row.update(hf_tokens_per_s=b * new / th, ratio=th / t)
+            row.update(hf_tokens_per_s=b * new / th, ratio=th / t, hf_times_s=th.runs)
         rows.append(row)
     return rows
 
@@ -191,7 +200,8 @@ def bench_prefill(setup: Setup, peak: float) -> list[dict]:
     ours = setup.ours()
     t = median_time(lambda: generate(ours, prompt.tolist(), max_new_tokens=1), setup.args.repeats)
     row = {"benchmark": f"prefill T={t_len}", "tokens_per_s": t_len / t,
-           "mfu": forward_flops(setup.cfg, t_len, t_len // 2, head_tokens=1) / t / peak}
+           "mfu": forward_flops(setup.cfg, t_len, t_len // 2, head_tokens=1) / t / peak,
+           "times_s": t.runs}
     if setup.args.vs == "hf":
         ids = torch.tensor(prompt)
 
@@ -199,7 +209,7 @@ def bench_prefill(setup: Setup, peak: float) -> list[dict]:
             with torch.no_grad():
                 setup.hf()(ids, use_cache=True)
         th = median_time(run_hf, setup.args.repeats)
-        row.update(hf_tokens_per_s=t_len / th, ratio=th / t)
+        row.update(hf_tokens_per_s=t_len / th, ratio=th / t, hf_times_s=th.runs)
     return [row]
 
 
@@ -247,7 +257,7 @@ def bench_train(setup: Setup, peak: float) -> list[dict]:
     tokens = rows * seq_len
     flops = train_flops_per_token(setup.cfg, seq_len) * tokens
     row = {"benchmark": f"train {rows}x{seq_len}", "tokens_per_s": tokens / t_ours,
-           "mfu": flops / t_ours / peak, "step_s": t_ours}
+           "mfu": flops / t_ours / peak, "step_s": t_ours, "times_s": t_ours.runs}
     if setup.args.vs == "hf":
         import torch
 
@@ -265,7 +275,8 @@ def bench_train(setup: Setup, peak: float) -> list[dict]:
             torch.nn.utils.clip_grad_norm_(hf_model.parameters(), 1.0)
             opt.step()
         t_hf = median_time(run_hf, setup.args.repeats)
-        row.update(hf_tokens_per_s=tokens / t_hf, ratio=t_hf / t_ours, hf_mfu=flops / t_hf / peak)
+        row.update(hf_tokens_per_s=tokens / t_hf, ratio=t_hf / t_ours, hf_mfu=flops / t_hf / peak,
+                   hf_times_s=t_hf.runs)
     return [row]
 
 

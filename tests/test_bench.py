@@ -35,4 +35,7 @@ def test_bench_smoke_against_transformers(tmp_path):
         assert r["tokens_per_s"] > 0 and 0 < r["mfu"] < 1.5, r
     for r in rows[:4]:  # every dense benchmark ran against transformers
         assert abs(r["ratio"] - r["tokens_per_s"] / r["hf_tokens_per_s"]) < 1e-6 * r["ratio"]
+        # every timed run is kept; the ratio is the quotient of their medians
+        assert len(r["times_s"]) == len(r["hf_times_s"]) == 1
+        assert abs(r["ratio"] - r["hf_times_s"][0] / r["times_s"][0]) < 1e-6 * r["ratio"]
     assert "| train 2x16 |" in run.stdout and png.stat().st_size > 1000
