@@ -102,7 +102,10 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     from jaxlm.hostmem import keep_freed_memory_for_cli
 
-    keep_freed_memory_for_cli(by_default=True)  # before JAX starts: see jaxlm.hostmem
+    import bench
+
+    # Before JAX starts: see jaxlm.hostmem; bench.median_time then also waits out heap growth.
+    bench.HOST["memory_kept"] = keep_freed_memory_for_cli(by_default=True)
     rows = bench_moe(d_model=args.d_model, ffn=args.ffn, top_k=args.top_k,
                      expert_counts=tuple(int(e) for e in args.experts.split(",")),
                      batch=args.batch, seq_len=args.seq_len, capacity_factor=args.capacity_factor,
