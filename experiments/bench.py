@@ -45,8 +45,7 @@ def parse_args(argv=None):
     p.add_argument("--preset", default="bench",
                    help="model preset (default: bench, the shared bench config; `test` for a smoke run)")
     p.add_argument("--repeats", type=int, default=5,
-                   help="timed repetitions (median reported; 5 outvotes the first steps after "
-                        "start, in which the host heap may still grow: see jaxlm/hostmem.py)")
+                   help="timed repetitions (the median is reported, every run kept in --json)")
     p.add_argument("--batches", default=None, help="decode batch sizes, e.g. 1,16 (default: bench.json)")
     p.add_argument("--new_tokens", type=int, default=None, help="decode length (default: bench.json)")
     p.add_argument("--prompt_len", type=int, default=None, help="decode prompt length (default: bench.json)")
