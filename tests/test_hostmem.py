@@ -28,17 +28,22 @@ CHILD = textwrap.dedent("""
     faults = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     out = {{"applied": applied}}
 
+    def call():  # the result freed at once, not whenever the runtime gets to it
+        y = f(x)
+        y.block_until_ready()
+        y.delete()
+
     def calls():
         quiet = 0                                   # settle: the kept heap grows for a few calls
         for _ in range(40):
             before = faults()
-            f(x).block_until_ready()
+            call()
             quiet = quiet + 1 if faults() == before else 0
             if quiet == 5:
                 break
         before = faults()
         for _ in range({calls}):
-            f(x).block_until_ready()
+            call()
         out["faults"] = faults() - before
 
     worker = threading.Thread(target=calls)
@@ -46,7 +51,7 @@ CHILD = textwrap.dedent("""
     worker.join()
     print(json.dumps(out))
 """)
-CALLS = 16
+CALLS = 40
 PAGES_PER_BUFFER = 64 * 2**20 // 4096
 THP = "/sys/kernel/mm/transparent_hugepage/enabled"
 
@@ -68,10 +73,11 @@ def test_kept_memory_removes_the_page_faults_of_repeated_calls():
     assert off["applied"] is False and on["applied"] is True
     # Without: every call maps its 64 MB result afresh (16k pages each).
     assert off["faults"] >= CALLS * PAGES_PER_BUFFER * 0.9, off
-    # With: the freed blocks are reused once the heap has settled. Under load (xdist) the heap
-    # can still grow by a few buffers late (measured: up to 3 in 8 calls), so a quarter of the
-    # default's faults; without the one-arena setting it is all of them (mutation-checked).
-    assert on["faults"] <= off["faults"] / 4, (on, off)
+    # With: the freed blocks are reused once the heap has settled. Under load (CI's xdist) the
+    # heap still grew by a few buffers late (seen: 3 of 8 calls, 5 of 16), a bounded number, so
+    # over 40 calls at most a third of the default's faults; without the one-arena setting it is
+    # all of them (mutation-checked).
+    assert on["faults"] <= off["faults"] / 3, (on, off)
 
 
 def _pci_device(root, name, vendor, device):
