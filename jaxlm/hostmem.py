@@ -84,8 +84,13 @@ def keep_freed_memory(*, by_default: bool = True) -> bool:
     return _applied
 
 
+def is_glibc() -> bool:
+    """Linux with glibc, whose mallopt settings these are."""
+    return platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+
+
 def _mallopt_all() -> bool:
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+    if not is_glibc():
         return False
     libc = ctypes.CDLL(None)  # the process's own C library
     # glibc widens the -1 trim threshold to SIZE_MAX: never trim (mallopt(3)).

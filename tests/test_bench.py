@@ -2,12 +2,13 @@
 transformers ratio, the JSON / PNG outputs are written, and the ratio is the two times' quotient."""
 import json
 import os
-import platform
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from jaxlm.hostmem import is_glibc
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -24,8 +25,7 @@ def test_bench_smoke_against_transformers(tmp_path):
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert run.returncode == 0, run.stderr[-3000:]
     result = json.loads(out.read_text())
-    glibc = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
-    assert result["host_malloc"] == ("kept" if glibc else "default")  # jaxlm.hostmem, forced on
+    assert result["host_malloc"] == ("kept" if is_glibc() else "default")  # jaxlm.hostmem, forced on
     rows = result["results"]
     names = [r["benchmark"] for r in rows]
     assert names[:4] == ["train 2x16", "decode b=1", "decode b=2", "prefill T=16"]

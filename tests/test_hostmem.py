@@ -5,7 +5,6 @@ threads.
 """
 import json
 import os
-import platform
 import subprocess
 import sys
 import textwrap
@@ -64,8 +63,7 @@ def run_child(setting: str) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc",
-                    reason="mallopt settings are glibc's")
+@pytest.mark.skipif(not hostmem.is_glibc(), reason="mallopt settings are glibc's")
 @pytest.mark.skipif(os.path.exists(THP) and open(THP).read().startswith("[always]"),
                     reason="transparent huge pages always on: 2 MB faults, too few to count pages")
 def test_kept_memory_removes_the_page_faults_of_repeated_calls():
