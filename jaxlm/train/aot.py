@@ -111,7 +111,9 @@ class AotReport:
     memory: dict[str, int] = dataclasses.field(default_factory=dict)
     bytes_per_device: int | None = None   # argument + output - alias + temp (+ code)
     fits: bool | None = None
-    flops_per_device: float | None = None  # XLA cost analysis of the compiled step
+    # XLA's cost analysis of the compiled step: while-loop bodies (the layer scan, gradient
+    # accumulation) are counted once, so it is not the step's FLOPs; model_flops_per_step is.
+    flops_per_device: float | None = None
     model_flops_per_step: float = 0.0      # 6·N·tokens + attention (jaxlm.train.metrics)
     sharding_mismatches: list[str] = dataclasses.field(default_factory=list)
     message: str = ""
@@ -151,8 +153,8 @@ class AotReport:
                          f"{gib(m['alias'])}), temporaries {gib(m['temp'])}, total "
                          f"{gib(self.bytes_per_device)}")
             if self.flops_per_device:
-                lines.append(f"  XLA FLOPs per device per step {self.flops_per_device:.3e}; model "
-                             f"FLOPs per device per step {self.model_flops_per_step / self.devices:.3e}")
+                lines.append(f"  model FLOPs per device per step {self.model_flops_per_step / self.devices:.3e}"
+                             f" (XLA cost analysis, loop bodies counted once: {self.flops_per_device:.3e})")
         lines.append(f"  {self.message}")
         return "\n".join(lines)
 
