@@ -20,19 +20,25 @@ from jaxlm.paths import as_path, is_remote
 
 log = logging.getLogger("jaxlm.train")
 
-# Dense bf16 peak FLOP/s per chip (vendor datasheets). MFU on these is against bf16 peak.
+# Dense bf16 peak FLOP/s per JAX device (vendor datasheets): a chip, except on TPU v2 / v3,
+# where each of a chip's two TensorCores is its own device (chip: 45 / 123 TFLOP/s).
+# MFU on these is against bf16 peak. Matched by prefix of jax's device_kind, first match wins:
+# the longer names come first ("TPU v5 lite" before "TPU v5", "NVIDIA H100 PCIe" before
+# "NVIDIA H100").
 PEAK_FLOPS = {
-    "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12,
-    "TPU v5": 459e12, "TPU v6 lite": 918e12, "TPU v6e": 918e12,
-    "NVIDIA H100": 989e12, "NVIDIA H200": 989e12, "NVIDIA A100": 312e12, "NVIDIA L4": 121e12,
+    "TPU v2": 22.5e12, "TPU v3": 61.5e12, "TPU v4": 275e12,
+    "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v5": 459e12,
+    "TPU v6 lite": 918e12, "TPU v6e": 918e12,
+    "NVIDIA H100 PCIe": 756e12, "NVIDIA H100 NVL": 835e12, "NVIDIA H100": 989e12,
+    "NVIDIA H200": 989e12, "NVIDIA A100": 312e12, "NVIDIA L4": 121e12,
 }
 
 
-def measure_matmul_flops(n: int = 2048, repeats: int = 5) -> float:
-    """FLOP/s of an n x n f32 matmul on the default device, measured now (best of repeats).
+def measure_matmul_flops(n: int = 2048, repeats: int = 5, dtype=jnp.float32) -> float:
+    """FLOP/s of an n x n matmul on the default device, measured now (best of repeats).
 
     On CPU this is the 'peak' MFU is reported against: what this machine's BLAS really does."""
-    a = jnp.ones((n, n), jnp.float32)
+    a = jnp.ones((n, n), dtype)
     f = jax.jit(lambda x: x @ x)
     f(a).block_until_ready()
     times = []
@@ -52,7 +58,14 @@ def peak_flops_per_device() -> tuple[float, str]:
     for name, flops in PEAK_FLOPS.items():
         if kind.startswith(name):
             return flops, f"{kind} datasheet (bf16)"
-    return measure_matmul_flops(), f"measured f32 matmul on {kind or device.platform}"
+    if device.platform == "cpu":
+        return measure_matmul_flops(), f"measured f32 matmul on {kind or 'cpu'}"
+    # An accelerator missing from the table: a small f32 matmul would measure launch overhead and
+    # inflate MFU many times over, so measure a large bf16 one and say that it is a stand-in.
+    log.warning("no datasheet peak for device kind %r: MFU is against a measured 8192² bf16 "
+                "matmul; add the chip to jaxlm.train.metrics.PEAK_FLOPS", kind)
+    return (measure_matmul_flops(8192, dtype=jnp.bfloat16),
+            f"measured bf16 matmul on {kind or device.platform} (no datasheet entry)")
 
 
 def attention_keys_per_query(seq_len: int, window: int | None) -> float:
@@ -61,19 +74,40 @@ def attention_keys_per_query(seq_len: int, window: int | None) -> float:
     return sum(min(i + 1, w) for i in range(seq_len)) / seq_len
 
 
-def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
-    """6·N (forward + backward over matmul parameters) + attention scores and values.
-
-    N excludes the embedding table (a gather, not a matmul) but includes the output head; MoE
-    models count only active parameters. Attention: 4·L·N_heads·H FLOPs per key forward, ×3
-    for training, over the mean number of keys a query sees (causal halves it).
-    """
+def matmul_params(cfg: ModelConfig) -> int:
+    """Parameters a token multiplies with: active parameters (MoE: the routed experts only) less
+    the embedding table, a gather, unless it doubles as the tied output head."""
     active = cfg.active_param_count() if hasattr(cfg, "active_param_count") else cfg.param_count()
-    matmul_params = active - cfg.vocab_size * cfg.d_model
-    if cfg.tie_embeddings:
-        matmul_params += cfg.vocab_size * cfg.d_model
-    keys = attention_keys_per_query(seq_len, cfg.sliding_window)
-    return 6 * matmul_params + 12 * cfg.n_layers * cfg.n_heads * cfg.head_dim * keys
+    return active - (0 if cfg.tie_embeddings else cfg.vocab_size * cfg.d_model)
+
+
+def forward_flops(cfg: ModelConfig, tokens: int, keys_per_token: float,
+                  head_tokens: int | None = None) -> float:
+    """Model FLOPs of a forward pass over `tokens` tokens that attend to `keys_per_token` keys
+    each on average: 2 per matmul parameter, plus 4·L·N_heads·H per key (scores and values),
+    with the output head counted for `head_tokens` of them only (default: all; prefill and
+    generation compute logits for a row's last token alone)."""
+    head = 2 * cfg.vocab_size * cfg.d_model
+    per_token = 2 * matmul_params(cfg) - head + 4 * cfg.n_layers * cfg.n_heads * cfg.head_dim * keys_per_token
+    return tokens * per_token + head * (tokens if head_tokens is None else head_tokens)
+
+
+def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """6·N (forward + backward over matmul parameters) + attention scores and values: three
+    times the forward FLOPs (the backward computes two products for every forward one), over
+    the mean number of keys a query sees (causal halves it)."""
+    return 3 * forward_flops(cfg, 1, attention_keys_per_query(seq_len, cfg.sliding_window))
+
+
+def generate_flops(cfg: ModelConfig, rows: int, prompt_len: int, new_tokens: int) -> float:
+    """Model FLOPs of generate(): the prompt's forward with logits for its last token (the first
+    new token), then one forward per further new token, attending to every earlier position
+    (or the last W)."""
+    w = cfg.sliding_window or prompt_len + new_tokens
+    prefill = forward_flops(cfg, prompt_len, attention_keys_per_query(prompt_len, w), head_tokens=1)
+    decode = sum(forward_flops(cfg, 1, min(p + 1, w))
+                 for p in range(prompt_len, prompt_len + new_tokens - 1))
+    return rows * (prefill + decode)
 
 
 class MetricsWriter:
