@@ -38,28 +38,54 @@ sys.path.insert(0, os.path.dirname(__file__))
 BENCH_JSON = Path(__file__).resolve().parent / "configs" / "bench.json"
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (a bad value is one `error:` line, before anything runs)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def positive_ints(text: str) -> tuple[int, ...]:
+    """argparse type: comma-separated positive integers, e.g. 1,16."""
+    return tuple(positive_int(part) for part in text.split(","))
+
+
 def parse_args(argv=None):
+    from jaxlm.config import PRESETS
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("benchmarks", nargs="+", choices=sorted(BENCHMARKS), help="what to run")
     p.add_argument("--vs", choices=["none", "hf"], default="none", help="also time transformers")
-    p.add_argument("--preset", default="bench",
+    p.add_argument("--preset", default="bench", choices=sorted(PRESETS), metavar="PRESET",
                    help="model preset (default: bench, the shared bench config; `test` for a smoke run)")
-    p.add_argument("--repeats", type=int, default=5,
+    p.add_argument("--repeats", type=positive_int, default=5,
                    help="timed repetitions (the median is reported, every run kept in --json)")
-    p.add_argument("--batches", default=None, help="decode batch sizes, e.g. 1,16 (default: bench.json)")
-    p.add_argument("--new_tokens", type=int, default=None, help="decode length (default: bench.json)")
-    p.add_argument("--prompt_len", type=int, default=None, help="decode prompt length (default: bench.json)")
-    p.add_argument("--prefill_len", type=int, default=1024, help="prompt length of the prefill benchmark")
-    p.add_argument("--train_batch", type=int, default=None, help="train rows (default: bench.json)")
-    p.add_argument("--train_seq_len", type=int, default=None, help="train sequence length (default: bench.json)")
+    p.add_argument("--batches", type=positive_ints, default=None,
+                   help="decode batch sizes, e.g. 1,16 (default: bench.json)")
+    p.add_argument("--new_tokens", type=positive_int, default=None, help="decode length (default: bench.json)")
+    p.add_argument("--prompt_len", type=positive_int, default=None,
+                   help="decode prompt length (default: bench.json)")
+    p.add_argument("--prefill_len", type=positive_int, default=1024,
+                   help="prompt length of the prefill benchmark")
+    p.add_argument("--train_batch", type=positive_int, default=None,
+                   help="train rows, also the MoE layer's (default: bench.json)")
+    p.add_argument("--train_seq_len", type=positive_int, default=None,
+                   help="train sequence length (default: bench.json)")
     p.add_argument("--remat", choices=["none", "full", "dots"], default=None,
                    help="train with this remat policy (default: the preset's)")
-    p.add_argument("--moe_seq_len", type=int, default=256, help="sequence length of the moe benchmark")
-    p.add_argument("--moe_experts", default="4,8,16", help="expert counts of the moe sweep")
-    p.add_argument("--data_batches", type=int, default=20, help="timed batches of the data benchmark")
+    p.add_argument("--moe_seq_len", type=positive_int, default=256, help="sequence length of the moe benchmark")
+    p.add_argument("--moe_experts", type=positive_ints, default=(4, 8, 16),
+                   help="expert counts of the moe sweep (default 4,8,16; bench.json's count is always in)")
+    p.add_argument("--data_batches", type=positive_int, default=200,
+                   help="timed batches of the data benchmark (200 x 8 x 512 = 0.8M tokens)")
     p.add_argument("--profile", default=None, metavar="DIR",
-                   help="after timing, trace one more jaxlm run of each benchmark with "
-                        "jax.profiler into DIR/NAME (open with TensorBoard's profile plugin or Perfetto)")
+                   help="after timing, trace one more jaxlm run of train, decode (each batch size), "
+                        "prefill and the dropless MoE layer with jax.profiler into DIR/NAME (open "
+                        "with TensorBoard's profile plugin or Perfetto)")
     p.add_argument("--xla_dump", default=None, metavar="DIR",
                    help="dump optimized HLO of every compiled program into DIR (XLA_FLAGS=--xla_dump_to)")
     p.add_argument("--xla_flags", default="",
@@ -67,10 +93,15 @@ def parse_args(argv=None):
                         "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT")
     p.add_argument("--json", default=None, help="write results to this JSON file")
     p.add_argument("--plot", default=None, help="write a bar chart PNG of tokens/s")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    top_k = json.loads(BENCH_JSON.read_text())["moe"]["top_k"]
+    if "moe" in args.benchmarks and min(args.moe_experts) < top_k:
+        p.error(f"--moe_experts: every expert count must be >= top_k = {top_k} (bench.json), "
+                f"got {min(args.moe_experts)}")
+    return args
 
 
-PROFILE: dict = {"dir": None, "name": None}
+PROFILE: dict = {"dir": None}  # --profile DIR: median_time(..., trace=NAME) traces into DIR/NAME
 HOST = {"memory_kept": False}   # set by main: jaxlm.hostmem's settings are in force
 SETTLE_CALLS = 3                # extra warm-up calls at most while the kept heap still grows
 
@@ -88,7 +119,11 @@ def _page_faults() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
-def median_time(fn, repeats: int) -> Seconds:
+def median_time(fn, repeats: int, trace: str | None = None) -> Seconds:
+    """Median of `repeats` timed calls of fn after the warm-up; with --profile and a `trace` name,
+    one more call traced with jax.profiler into PROFILE["dir"]/trace."""
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
     fn()  # warm-up: compilation and caches, never timed
     if HOST["memory_kept"]:
         # With freed memory kept the heap still grows over the first calls, each growth a burst
@@ -104,22 +139,22 @@ def median_time(fn, repeats: int) -> Seconds:
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
-    if PROFILE["dir"] and PROFILE["name"]:  # one traced run of the first timed function per benchmark
+    if PROFILE["dir"] and trace:
         import jax
 
-        with jax.profiler.trace(os.path.join(PROFILE["dir"], PROFILE["name"])):
+        with jax.profiler.trace(os.path.join(PROFILE["dir"], trace)):
             fn()
-        PROFILE["name"] = None
     median = Seconds(statistics.median(times))
     median.runs = tuple(times)
     return median
 
 
-def measured_peak_flops() -> float:
-    """Peak FLOP/s MFU is relative to: the device table on TPU/GPU, else an f32 matmul measured now."""
+def measured_peak_flops() -> tuple[float, str]:
+    """(peak FLOP/s MFU is relative to, where it came from): the device table on TPU/GPU, else an
+    f32 matmul measured now."""
     from jaxlm.train.metrics import peak_flops_per_device
 
-    return peak_flops_per_device()[0]
+    return peak_flops_per_device()
 
 
 class Setup:
@@ -167,32 +202,25 @@ class Setup:
         return self._ours
 
 
-def forward_flops(cfg, tokens: int, context: int, head_tokens: int | None = None) -> float:
-    """Forward FLOPs: 2·(non-embedding params) per token + attention (QK and PV), with the output
-    head counted for `head_tokens` only (prefill computes logits for the last token alone)."""
-    head = cfg.vocab_size * cfg.d_model
-    n = cfg.param_count() - head - (0 if cfg.tie_embeddings else head)
-    attn = 4 * cfg.n_layers * cfg.n_heads * cfg.head_dim * min(context, cfg.sliding_window or context)
-    return tokens * (2 * n + attn) + 2 * head * (tokens if head_tokens is None else head_tokens)
-
-
 def bench_decode(setup: Setup, peak: float) -> list[dict]:
     import numpy as np
     import torch
 
     from jaxlm.inference.generate import generate
+    from jaxlm.train.metrics import generate_flops
 
     d = setup.spec["decode"]
     prompt_len = setup.args.prompt_len or d["prompt_len"]
     new = setup.args.new_tokens or d["new_tokens"]
-    batches = [int(b) for b in (setup.args.batches or ",".join(map(str, d["batches"]))).split(",")]
+    batches = setup.args.batches or d["batches"]
     rows = []
     for b in batches:
         prompts = np.random.default_rng(0).integers(3, setup.cfg.vocab_size, (b, prompt_len))
         ours = setup.ours()
-        t = median_time(lambda: generate(ours, prompts.tolist(), max_new_tokens=new), setup.args.repeats)
+        t = median_time(lambda: generate(ours, prompts.tolist(), max_new_tokens=new), setup.args.repeats,
+                        trace=f"decode_b{b}")
         row = {"benchmark": f"decode b={b}", "tokens_per_s": b * new / t, "times_s": t.runs}
-        row["mfu"] = forward_flops(setup.cfg, b * new, prompt_len + new // 2) / t / peak
+        row["mfu"] = generate_flops(setup.cfg, b, prompt_len, new) / t / peak  # prefill included
         if setup.args.vs == "hf":
             ids = torch.tensor(prompts)
 
@@ -211,20 +239,22 @@ def bench_prefill(setup: Setup, peak: float) -> list[dict]:
     import torch
 
     from jaxlm.inference.generate import generate
+    from jaxlm.train.metrics import generate_flops
 
     t_len = setup.args.prefill_len
     prompt = np.random.default_rng(1).integers(3, setup.cfg.vocab_size, (1, t_len))
     ours = setup.ours()
-    t = median_time(lambda: generate(ours, prompt.tolist(), max_new_tokens=1), setup.args.repeats)
+    t = median_time(lambda: generate(ours, prompt.tolist(), max_new_tokens=1), setup.args.repeats,
+                    trace="prefill")
     row = {"benchmark": f"prefill T={t_len}", "tokens_per_s": t_len / t,
-           "mfu": forward_flops(setup.cfg, t_len, t_len // 2, head_tokens=1) / t / peak,
+           "mfu": generate_flops(setup.cfg, 1, t_len, 1) / t / peak,
            "times_s": t.runs}
     if setup.args.vs == "hf":
         ids = torch.tensor(prompt)
 
-        def run_hf():
+        def run_hf():  # logits for the last position only, as generate() computes
             with torch.no_grad():
-                setup.hf()(ids, use_cache=True)
+                setup.hf()(ids, use_cache=True, logits_to_keep=1)
         th = median_time(run_hf, setup.args.repeats)
         row.update(hf_tokens_per_s=t_len / th, ratio=th / t, hf_times_s=th.runs)
     return [row]
@@ -270,7 +300,7 @@ def bench_train(setup: Setup, peak: float) -> list[dict]:
     def run_ours():
         holder[0], metrics = step(holder[0], batch)
         jax.block_until_ready(metrics["loss"])
-    t_ours = median_time(run_ours, setup.args.repeats)
+    t_ours = median_time(run_ours, setup.args.repeats, trace="train")
     tokens = rows * seq_len
     flops = train_flops_per_token(setup.cfg, seq_len) * tokens
     row = {"benchmark": f"train {rows}x{seq_len}", "tokens_per_s": tokens / t_ours,
@@ -321,7 +351,7 @@ def bench_moe(setup: Setup, peak: float) -> list[dict]:
     rows_, seq_len = setup.args.train_batch or t["batch"], setup.args.moe_seq_len
     rows = moe_rows(d_model=setup.cfg.d_model, ffn=setup.cfg.ffn_hidden, top_k=m["top_k"],
                     n_experts=m["n_experts"],
-                    expert_counts=tuple(int(e) for e in setup.args.moe_experts.split(",")), batch=rows_,
+                    expert_counts=setup.args.moe_experts, batch=rows_,
                     seq_len=seq_len, repeats=setup.args.repeats, peak_flops=peak)
     if setup.args.vs == "hf":
         import torch
@@ -413,8 +443,8 @@ BENCHMARKS = {"train": bench_train, "decode": bench_decode, "prefill": bench_pre
               "moe": bench_moe, "data": bench_data}
 
 
-def markdown(rows: list[dict], peak: float) -> str:
-    lines = [f"measured peak: {peak / 1e9:.0f} GFLOP/s (f32 matmul)", "",
+def markdown(rows: list[dict], peak: float, peak_source: str) -> str:
+    lines = [f"peak: {peak / 1e9:,.0f} GFLOP/s ({peak_source})", "",
              "| benchmark | jaxlm tokens/s | MFU | transformers tokens/s | jaxlm / transformers |",
              "|---|---:|---:|---:|---:|"]
     fmt = lambda v, spec, suffix="": "–" if v is None else f"{v:{spec}}{suffix}"
@@ -422,6 +452,13 @@ def markdown(rows: list[dict], peak: float) -> str:
         lines.append(f"| {r['benchmark']} | {fmt(r['tokens_per_s'], ',.0f')} | {fmt(r['mfu'], '.1%')} "
                      f"| {fmt(r['hf_tokens_per_s'], ',.0f')} | {fmt(r['ratio'], '.2f', '×')} |")
     return "\n".join(lines)
+
+
+def _progress_line(r: dict) -> str:
+    line = f"{r['benchmark']}: {r['tokens_per_s']:,.0f} tokens/s"
+    if r["hf_tokens_per_s"]:
+        line += f", transformers {r['hf_tokens_per_s']:,.0f} ({r['ratio']:.2f}x)"
+    return line
 
 
 def plot(rows: list[dict], path: str) -> None:
@@ -461,17 +498,19 @@ def main(argv=None) -> int:
     os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""), *flags]).strip()
     PROFILE["dir"] = args.profile
     setup = Setup(args)
-    peak = measured_peak_flops()
-    rows = []
-    for name in args.benchmarks:
-        print(f"running {name} ...", file=sys.stderr, flush=True)
-        PROFILE["name"] = name
+    peak, peak_source = measured_peak_flops()
+    rows, start = [], time.perf_counter()
+    for i, name in enumerate(args.benchmarks):
+        print(f"[{i + 1}/{len(args.benchmarks)}] {name} ...", file=sys.stderr, flush=True)
         for row in BENCHMARKS[name](setup, peak):  # every row carries the four JSON keys
             rows.append({"mfu": None, "hf_tokens_per_s": None, "ratio": None, **row})
-    print(markdown(rows, peak))
+            print(f"    {_progress_line(rows[-1])}  ({time.perf_counter() - start:.0f} s)",
+                  file=sys.stderr, flush=True)
+    print(markdown(rows, peak, peak_source))
     print(f"host malloc: freed memory {host_malloc} (jaxlm.hostmem; JAXLM_HOST_MALLOC=0|1)")
     if args.json:
-        Path(args.json).write_text(json.dumps({"peak_flops": peak, "host_malloc": host_malloc,
+        Path(args.json).write_text(json.dumps({"peak_flops": peak, "peak_source": peak_source,
+                                               "host_malloc": host_malloc,
                                                "results": rows}, indent=2) + "\n")
     if args.plot:
         plot(rows, args.plot)

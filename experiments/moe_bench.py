@@ -6,7 +6,8 @@ and tokens/s as the expert count grows at fixed active parameters (should stay n
 
 Each row times one training step of one layer (forward + backward through a jitted value_and_grad,
 median of --repeats after a warm-up). MFU = 6 · active layer parameters · tokens / time / peak,
-the peak being a large f32 matmul measured in this process (experiments/bench.py). The dispatch
+the peak being a large f32 matmul measured in this process on CPU (the device table on TPU/GPU;
+printed first). The dispatch
 einsums / sorts are overhead, not model FLOPs, so they lower MFU but not the FLOP count.
 `bench_moe(...)` returns the rows (dicts with benchmark, tokens_per_s, mfu, ...) for bench.py.
 """
@@ -44,11 +45,14 @@ def _layer_step(layer, x, valid):
     return lambda: jax.block_until_ready(step(state, x))
 
 
-def bench_moe(*, d_model: int = 256, ffn: int = 512, top_k: int = 2, n_experts: int = 8,
+def bench_moe(*, d_model: int = 256, ffn: int = 512, top_k: int = 2, n_experts: int | None = None,
               expert_counts=(4, 8, 16, 32), batch: int = 8, seq_len: int = 256,
               capacity_factor: float = 1.25, dtype: str = "float32", repeats: int = 3,
-              peak_flops: float | None = None) -> list[dict]:
-    """Rows of {benchmark, tokens_per_s, mfu, n_experts, dispatch, step_ms} for one MoE layer."""
+              peak_flops: float | None = None, progress=None) -> list[dict]:
+    """Rows of {benchmark, tokens_per_s, mfu, n_experts, dispatch, step_ms} for one MoE layer.
+
+    n_experts: an expert count always in the sweep (bench.py's headline one); progress: called
+    with each row as it is measured."""
     import jax.numpy as jnp
     import numpy as np
     from flax import nnx
@@ -58,7 +62,7 @@ def bench_moe(*, d_model: int = 256, ffn: int = 512, top_k: int = 2, n_experts: 
     from jaxlm.model.mlp import SwiGLU
     from jaxlm.model.moe import MoE
 
-    peak = peak_flops or measured_peak_flops()
+    peak = peak_flops or measured_peak_flops()[0]
     tokens = batch * seq_len
     base = ModelConfig(vocab_size=256, d_model=d_model, n_layers=1, n_heads=1, n_kv_heads=1,
                        head_dim=2, ffn_hidden=ffn, dtype=dtype)
@@ -66,10 +70,14 @@ def bench_moe(*, d_model: int = 256, ffn: int = 512, top_k: int = 2, n_experts: 
     valid = jnp.ones((batch, seq_len), bool)
 
     def row(name, layer, active_params, **extra):
-        t = median_time(_layer_step(layer, x, valid), repeats)
+        trace = f"moe_dropless_E{extra['n_experts']}" if extra["dispatch"] == "dropless" else None
+        t = median_time(_layer_step(layer, x, valid), repeats, trace=trace)
         flops = 6 * active_params * tokens
-        return {"benchmark": name, "tokens_per_s": tokens / t, "mfu": flops / t / peak,
-                "step_ms": 1e3 * t, **extra}
+        out = {"benchmark": name, "tokens_per_s": tokens / t, "mfu": flops / t / peak,
+               "step_ms": 1e3 * t, **extra}
+        if progress:
+            progress(out)
+        return out
 
     def moe(e, dispatch):
         cfg = base.replace(moe=dict(n_experts=e, top_k=top_k, dispatch=dispatch,
@@ -80,7 +88,7 @@ def bench_moe(*, d_model: int = 256, ffn: int = 512, top_k: int = 2, n_experts: 
     rows = [row(f"dense swiglu F={top_k * ffn}", SwiGLU(base.replace(ffn_hidden=top_k * ffn),
                                                          rngs=nnx.Rngs(0)),
                 active, n_experts=0, dispatch="dense")]
-    for e in sorted({n_experts, *expert_counts}):
+    for e in sorted({*expert_counts, *([n_experts] if n_experts else [])}):
         for dispatch in ("capacity", "dropless"):
             rows.append(row(f"moe {dispatch} E={e} k={top_k}", moe(e, dispatch),
                             active + d_model * e, n_experts=e, dispatch=dispatch))
@@ -88,31 +96,41 @@ def bench_moe(*, d_model: int = 256, ffn: int = 512, top_k: int = 2, n_experts: 
 
 
 def main(argv=None) -> int:
+    from bench import positive_int, positive_ints
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--d_model", type=int, default=256)
-    p.add_argument("--ffn", type=int, default=512, help="hidden width of each expert")
-    p.add_argument("--top_k", type=int, default=2)
-    p.add_argument("--experts", default="4,8,16,32", help="expert counts to sweep")
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--seq_len", type=int, default=256)
+    p.add_argument("--d_model", type=positive_int, default=256)
+    p.add_argument("--ffn", type=positive_int, default=512, help="hidden width of each expert")
+    p.add_argument("--top_k", type=positive_int, default=2)
+    p.add_argument("--experts", type=positive_ints, default=(4, 8, 16, 32),
+                   help="expert counts to sweep, e.g. 4,8,16,32")
+    p.add_argument("--batch", type=positive_int, default=8)
+    p.add_argument("--seq_len", type=positive_int, default=256)
     p.add_argument("--capacity_factor", type=float, default=1.25)
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=positive_int, default=3)
     p.add_argument("--json", default=None, help="write the rows to this JSON file")
     args = p.parse_args(argv)
+    if min(args.experts) < args.top_k:
+        p.error(f"--experts: every expert count must be >= --top_k ({args.top_k}), got {min(args.experts)}")
+    if args.capacity_factor <= 0:
+        p.error(f"--capacity_factor: must be > 0, got {args.capacity_factor}")
     from jaxlm.hostmem import keep_freed_memory_for_cli
 
     import bench
 
     # Before JAX starts: see jaxlm.hostmem; bench.median_time then also waits out heap growth.
     bench.HOST["memory_kept"] = keep_freed_memory_for_cli(by_default=True)
+    peak, peak_source = bench.measured_peak_flops()
+    print(f"peak: {peak / 1e9:,.0f} GFLOP/s ({peak_source})")
+    header = f"{'benchmark':28s} {'tokens/s':>10s} {'step ms':>9s} {'MFU':>7s}"
+    print(header, flush=True)
+    line = lambda r: print(f"{r['benchmark']:28s} {r['tokens_per_s']:10,.0f} {r['step_ms']:9.1f} "
+                           f"{r['mfu']:7.1%}", flush=True)
     rows = bench_moe(d_model=args.d_model, ffn=args.ffn, top_k=args.top_k,
-                     expert_counts=tuple(int(e) for e in args.experts.split(",")),
-                     batch=args.batch, seq_len=args.seq_len, capacity_factor=args.capacity_factor,
-                     dtype=args.dtype, repeats=args.repeats)
-    print(f"{'benchmark':28s} {'tokens/s':>10s} {'step ms':>9s} {'MFU':>7s}")
-    for r in rows:
-        print(f"{r['benchmark']:28s} {r['tokens_per_s']:10,.0f} {r['step_ms']:9.1f} {r['mfu']:7.1%}")
+                     expert_counts=args.experts, batch=args.batch, seq_len=args.seq_len,
+                     capacity_factor=args.capacity_factor, dtype=args.dtype,
+                     repeats=args.repeats, peak_flops=peak, progress=line)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=2)

@@ -26,16 +26,49 @@ def test_bench_smoke_against_transformers(tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     result = json.loads(out.read_text())
     assert result["host_malloc"] == ("kept" if is_glibc() else "default")  # jaxlm.hostmem, forced on
+    assert result["peak_source"].startswith("measured f32 matmul") and result["peak_flops"] > 0
     rows = result["results"]
     names = [r["benchmark"] for r in rows]
     assert names[:4] == ["train 2x16", "decode b=1", "decode b=2", "prefill T=16"]
     assert any(n.startswith("moe layer: moe dropless E=8") for n in names)
     for r in rows:
         assert {"tokens_per_s", "hf_tokens_per_s", "ratio", "mfu"} <= set(r), r
-        assert r["tokens_per_s"] > 0 and 0 < r["mfu"] < 1.5, r
+        assert r["tokens_per_s"] > 0 and 0 < r["mfu"] < 1.0, r
     for r in rows[:4]:  # every dense benchmark ran against transformers
         assert abs(r["ratio"] - r["tokens_per_s"] / r["hf_tokens_per_s"]) < 1e-6 * r["ratio"]
         # every timed run is kept; the ratio is the quotient of their medians
         assert len(r["times_s"]) == len(r["hf_times_s"]) == 1
         assert abs(r["ratio"] - r["hf_times_s"][0] / r["times_s"][0]) < 1e-6 * r["ratio"]
     assert "| train 2x16 |" in run.stdout and png.stat().st_size > 1000
+
+
+sys.path.insert(0, str(ROOT / "experiments"))
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["decode", "--batches", "1,x"], "--batches: expected a positive integer, got 'x'"),
+    (["decode", "--repeats", "0"], "--repeats: expected a positive integer, got 0"),
+    (["train", "--preset", "nope"], "--preset: invalid choice: 'nope'"),
+    (["moe", "--moe_experts", "1,8"], "--moe_experts: every expert count must be >= top_k = 2"),
+])
+def test_bench_bad_input_is_one_error_line(argv, message, capsys):
+    import bench
+
+    with pytest.raises(SystemExit) as exit_:
+        bench.parse_args(argv)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert ": error: " in err[-1] and message in err[-1], err  # argparse: usage, then one line
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--experts", "4,a"], "--experts: expected a positive integer, got 'a'"),
+    (["--experts", "2,8", "--top_k", "3"], "every expert count must be >= --top_k (3), got 2"),
+])
+def test_moe_bench_bad_input_is_one_error_line(argv, message, capsys):
+    import moe_bench
+
+    with pytest.raises(SystemExit) as exit_:
+        moe_bench.main(argv)
+    assert exit_.value.code == 2
+    assert message in capsys.readouterr().err.strip().splitlines()[-1]
