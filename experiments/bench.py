@@ -9,15 +9,18 @@ Sub-benchmarks:
   train    one optimizer step (the trainer's jitted step: AdamW 0.9/0.95/1e-5, wd 0.1, clip 1.0)
            vs transformers forward/backward + torch.optim.AdamW with the same hyperparameters
   decode   greedy generation at each --batches vs transformers' generate
-  prefill  one long prompt (chunked by the sliding window) vs one transformers forward
+  prefill  one long prompt (chunked by the sliding window) vs one transformers forward; both
+           compute the logits of the last position only (logits_to_keep=1), as generation does
   moe      one MoE FFN layer fwd+bwd: dense SwiGLU of equal active FLOPs, capacity, dropless, an
            expert-count sweep; vs transformers' MixtralSparseMoeBlock
   data     packed batches from the embedded corpus vs the transformers recipe (fast tokenizer +
            run_clm.py's concatenate-and-chunk)
 Each number is the median of --repeats timed runs after one untimed warm-up (compilation; with
 freed host memory kept, up to 3 more while the heap still grows).
-MFU divides model FLOPs (6·N per trained token, 2·N per generated one, plus attention) by the
-time and by a peak measured in this process (large f32 matmul; the device table on TPU/GPU).
+MFU divides model FLOPs (jaxlm.train.metrics: 6·N per trained token, 2·N per token a forward
+pass processes, the output head only where logits are computed, plus attention over the keys
+each query sees; decode counts its prefill) by the time and by a peak measured in this process
+(large f32 matmul; the device table on TPU/GPU).
 Output: a Markdown table, --json (one object per row: tokens_per_s, hf_tokens_per_s, ratio, mfu)
 and --plot (bar chart PNG).
 """
