@@ -7,8 +7,8 @@ and tokens/s as the expert count grows at fixed active parameters (should stay n
 Each row times one training step of one layer (forward + backward through a jitted value_and_grad,
 median of --repeats after a warm-up). MFU = 6 · active layer parameters · tokens / time / peak,
 the peak being a large f32 matmul measured in this process on CPU (the device table on TPU/GPU;
-printed first). The dispatch
-einsums / sorts are overhead, not model FLOPs, so they lower MFU but not the FLOP count.
+printed first). The dispatch einsums / sorts are overhead, not model FLOPs, so they lower MFU
+but not the FLOP count. Rows print as they are measured.
 `bench_moe(...)` returns the rows (dicts with benchmark, tokens_per_s, mfu, ...) for bench.py.
 """
 from __future__ import annotations
