@@ -7,14 +7,45 @@ Presets: tiny (CPU demo, 10.5M parameters), tiny_moe (its active size, 8 experts
 test_moe (seconds, synthetic data), llama2_7b, llama2_70b,
 mistral_7b (TPU pod shapes: Llama 2 §2.2 recipe, 4M-token batches, mesh per preset).
 """
-from ml_collections import ConfigDict
+from ml_collections import ConfigDict, config_dict
+
+# Every ModelConfig field but `moe` (a nested config: change it in Python, or pick a MoE preset).
+# The command line can only set fields that exist (lock_config), with the type declared here.
+MODEL_FIELDS = {
+    "vocab_size": int, "d_model": int, "n_layers": int, "n_heads": int, "n_kv_heads": int,
+    "head_dim": int, "ffn_hidden": int, "max_seq_len": int, "sliding_window": int,
+    "rope_theta": float, "norm_eps": float, "tie_embeddings": bool, "init_std": float,
+    "dtype": str, "param_dtype": str, "remat": str,
+}
+
+
+class ModelOverrides(ConfigDict):
+    """ModelConfig fields to change from the preset's: --config.model.overrides.remat=full.
+
+    Every field is a typed placeholder (None = keep the preset's value) so that it can be set
+    from the command line under lock_config; to_dict() leaves the unset ones out, so whatever
+    reads the experiment (jaxlm.train.experiment.resolve, jaxlm.train.aot) sees only real
+    overrides. A None can therefore not override a value: sliding_window keeps the preset's.
+    """
+
+    def to_dict(self, visit_map=None, preserve_field_references=False):
+        d = super().to_dict(visit_map, preserve_field_references)
+        for key in [k for k, v in d.items() if v is None]:
+            del d[key]  # in place: ConfigDict.to_dict keeps this dict in its visit_map
+        return d
+
+
+def model_overrides(**values) -> ModelOverrides:
+    o = ModelOverrides({k: config_dict.placeholder(t) for k, t in MODEL_FIELDS.items()})
+    o.update(values)
+    return o
 
 
 def base() -> ConfigDict:
     c = ConfigDict()
     # Model: a jaxlm.config preset plus field overrides (dtype, remat, ...). vocab_size is set from
     # the tokenizer (padded to a multiple of 128) unless the data source is synthetic.
-    c.model = ConfigDict({"preset": "tiny", "overrides": ConfigDict({}, type_safe=False)})
+    c.model = ConfigDict({"preset": "tiny", "overrides": model_overrides()})
     c.mesh = ConfigDict({"data": 1, "fsdp": -1, "expert": 1, "tensor": 1,
                          "dcn_data": -1, "dcn_fsdp": 1, "dcn_expert": 1, "dcn_tensor": 1})
     c.tokenizer = ConfigDict({
@@ -73,7 +104,7 @@ def get_config(preset: str = "tiny") -> ConfigDict:
         # Llama 2 §2.2: 4M-token batches of 4096-token rows, AdamW 0.9/0.95/1e-5, wd 0.1,
         # clip 1.0, 2000 warmup steps, cosine to 10%; peak 3e-4 (7B) or 1.5e-4 (70B).
         c.model.preset = preset
-        c.model.overrides = ConfigDict({"dtype": "bfloat16", "remat": "dots"}, type_safe=False)
+        c.model.overrides.update(dtype="bfloat16", remat="dots")
         c.tokenizer.update(vocab_size=32000)
         c.data.update(source="tfds:c4/en", data_dir="gs://YOUR_BUCKET/tfds", worker_count=8)
         seq = 8192 if preset == "mistral_7b" else 4096

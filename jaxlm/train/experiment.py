@@ -156,7 +156,8 @@ def resolve(config, workdir: epath.Path) -> Experiment:
     c = config.to_dict() if hasattr(config, "to_dict") else dict(config)
     train = TrainConfig(**c["train"])
     tokenizer, tok_path = _tokenizer(c, workdir, train.seed)
-    overrides = dict(c["model"].get("overrides") or {})
+    # None = keep the preset's value (the config declares every field so the CLI can set it).
+    overrides = {k: v for k, v in (c["model"].get("overrides") or {}).items() if v is not None}
     if tokenizer is not None and "vocab_size" not in overrides:
         overrides["vocab_size"] = tokenizer.padded_vocab_size()
     overrides.setdefault("max_seq_len", max(train.seq_len, get_preset(c["model"]["preset"]).max_seq_len))
