@@ -96,13 +96,15 @@ def run(args) -> int:
     else:
         ids = tok.encode(args.prompt, bos=True)
     new, seconds = complete(ids)
+    # Decode prompt and continuation together: SentencePiece drops the leading space of the first
+    # piece of whatever it decodes, so decode(new) alone would glue "is" + "Paris" into "isParis".
     if args.json:
         record = {"ids": new}
         if tok:
-            record["text"] = tok.decode(new)
+            record["text"] = tok.decode(ids + new)[len(tok.decode(ids)):]
         print(json.dumps(record))
     else:
-        print((tok.decode(ids) + tok.decode(new)) if tok else new)
+        print(tok.decode(ids + new) if tok else new)
         print(f"[{len(new)} tokens in {seconds:.2f}s incl. compilation]", file=sys.stderr)
     return 0
 
