@@ -5,7 +5,8 @@
     python experiments/generate.py --checkpoint ckpt/ --prompt_ids 1,2,3 --max_new_tokens 8 \
         --temperature 0 --json          # prints {"ids": [...]}: the generated ids only
 
-The tokenizer is DIR/tokenizer.model unless --tokenizer is given (not needed for --prompt_ids).
+The tokenizer is DIR/tokenizer.model unless --tokenizer is given. --prompt_ids works without one,
+but uses it when present: generation stops at its eos and never samples padded-vocab ids.
 Sliding-window models decode with Mistral's rolling-buffer cache; long prompts are prefilled in
 chunks of --prefill_chunk tokens (default: the window).
 """
@@ -58,14 +59,14 @@ def load(args):
     from jaxlm.tokenizer import Tokenizer
 
     model = load_model(args.checkpoint)
-    tokenizer = None
     tok_path = as_path(args.tokenizer or as_path(args.checkpoint) / "tokenizer.model")
-    if args.tokenizer or args.prompt_ids is None:
-        if not tok_path.is_file():
+    if not tok_path.is_file():
+        if args.tokenizer or args.prompt_ids is None:
             raise FileNotFoundError(f"{tok_path}: no tokenizer; pass --tokenizer PATH "
                                     "(or use --prompt_ids)")
-        tokenizer = Tokenizer(local_copy(tok_path))  # SentencePiece reads local files only
-    return model, tokenizer
+        return model, None  # --prompt_ids without any tokenizer: no eos, whole vocab
+    # Loaded for --prompt_ids too: it gives eos and the vocab limit (padded-vocab ids never sampled).
+    return model, Tokenizer(local_copy(tok_path))  # SentencePiece reads local files only
 
 
 def run(args) -> int:

@@ -26,3 +26,15 @@ def test_prompt_text_keeps_the_space_before_the_continuation(constant_checkpoint
     record = json.loads(capsys.readouterr().out)
     assert record == {"ids": [is_, is_], "text": " is is"}
 
+
+def test_prompt_ids_use_the_checkpoint_tokenizer_for_eos_and_vocab(constant_checkpoint, generate_cli,
+                                                                    tokenizer_file, capsys):
+    vocab = Tokenizer(tokenizer_file).vocab_size  # the model's vocab is padded past it
+    # A model that always says eos: with the checkpoint's tokenizer.model the answer stops at once.
+    assert generate_cli.main(["--checkpoint", str(constant_checkpoint(2)), "--prompt_ids", "1,5",
+                              "--max_new_tokens", "3", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["ids"] == []
+    # A model that always says a padded-vocab id the tokenizer lacks: never sampled.
+    assert generate_cli.main(["--checkpoint", str(constant_checkpoint(vocab + 10)),
+                              "--prompt_ids", "1,5", "--max_new_tokens", "3", "--json"]) == 0
+    assert all(i < vocab for i in json.loads(capsys.readouterr().out)["ids"])
