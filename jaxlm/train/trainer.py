@@ -90,7 +90,7 @@ def _train(config, workdir: epath.Path, preempt: _Preemption) -> dict[str, Any]:
     ckpts = Checkpoints(workdir / "checkpoints", keep=exp.ckpt["keep"],
                         async_save=exp.ckpt["async_save"])
     data = exp.make_iterator(split=exp.data.split)
-    restored = ckpts.restore_latest(abstract_like(state))
+    restored = ckpts.restore_latest(abstract_like(state), exp.resolved)
     if restored is not None:
         step0, state, data_state = restored
         data.set_state(data_state)

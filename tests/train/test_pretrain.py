@@ -1,5 +1,6 @@
 """experiments/pretrain.py end to end: SIGTERM / SIGKILL / resume give exactly the losses of an
-uninterrupted run; NaN batches are skipped; broken checkpoints fall back to the previous one."""
+uninterrupted run; NaN batches are skipped; broken checkpoints fall back to the previous one
+(moved aside, never deleted); another model's checkpoints or a storage error are raised."""
 import json
 import os
 import signal
@@ -104,8 +105,77 @@ def test_broken_latest_checkpoint_falls_back_to_previous(tmp_path, caplog):
     assert step == 1 and data == {"doc": 1}
     np.testing.assert_array_equal(state["w"], np.full((4, 4), 1.0))
     assert "checkpoint 2" in caplog.text and "unreadable" in caplog.text
-    assert ckpts.steps() == [1]  # the broken one is removed so step 2 can be saved again
+    # Moved aside, not deleted: kept for a person to look at, and step 2 can be saved again.
+    assert ckpts.steps() == [1] and (tmp_path / "ckpt" / "broken-2" / "state").is_dir()
+    ckpts.save(2, states[2], {"doc": 2}, {"note": "test"})
+    ckpts.wait()
+    assert ckpts.steps() == [1, 2]
     ckpts.close()
+
+
+def _two_checkpoints(directory):
+    ckpts = Checkpoints(directory, keep=5, async_save=False)
+    states = {s: {"w": jnp.full((4, 4), float(s)), "step": jnp.int32(s)} for s in (1, 2)}
+    for s, st in states.items():
+        ckpts.save(s, st, {"doc": s}, {"model_config": {"d_model": 4}})
+    ckpts.wait()
+    return ckpts, abstract_like(states[1])
+
+
+def test_checkpoint_of_another_model_is_an_error_and_nothing_is_deleted(tmp_path):
+    ckpts, _ = _two_checkpoints(tmp_path / "ckpt")
+    other = abstract_like({"w": jnp.zeros((4, 8)), "step": jnp.int32(0)})
+    with pytest.raises(ValueError, match=r"different model.*w: checkpoint \[4, 4\], config "
+                       r"\[4, 8\].*d_model 4 -> 8.*new --workdir"):
+        ckpts.restore_latest(other, {"model_config": {"d_model": 8}})
+    assert ckpts.steps() == [1, 2] and sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["1", "2"]
+    ckpts.close()
+
+
+@pytest.mark.parametrize("error", [OSError("connection reset"),
+                                   ValueError("GCS request failed: UNAVAILABLE (503)")])
+def test_storage_error_is_raised_not_taken_for_a_broken_checkpoint(tmp_path, monkeypatch, error):
+    ckpts, abstract = _two_checkpoints(tmp_path / "ckpt")
+
+    def fail(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(ckpts.manager, "restore", fail)
+    with pytest.raises(type(error)):
+        ckpts.restore_latest(abstract)
+    monkeypatch.undo()
+    assert ckpts.steps() == [1, 2] and not list((tmp_path / "ckpt").glob("broken-*"))
+    assert ckpts.restore_latest(abstract)[0] == 2  # the next try, with storage back, resumes
+    ckpts.close()
+
+
+def test_every_checkpoint_damaged_is_an_error_not_a_fresh_start(tmp_path):
+    ckpts, abstract = _two_checkpoints(tmp_path / "ckpt")
+    for f in (tmp_path / "ckpt").rglob("*"):
+        if f.is_file() and "state" in f.parts:
+            f.write_bytes(f.read_bytes()[:3])
+    with pytest.raises(ValueError, match="no checkpoint restores.*step 2.*step 1"):
+        ckpts.restore_latest(abstract)
+    assert ckpts.steps() == [1, 2]
+    ckpts.close()
+
+
+def test_resume_with_another_model_is_one_error_line(tmp_path):
+    """The CLI on a workdir written by another model: one `error:` line, checkpoints kept (it
+    used to restart from step 0, after which orbax's max_to_keep deleted the original run)."""
+    args = [sys.executable, f"{ROOT}/experiments/pretrain.py", f"--workdir={tmp_path}",
+            f"--config={CONFIG}", "--config.train.steps=3", "--config.checkpoint.every_steps=1",
+            "--config.train.eval_every=1000"]
+    run = subprocess.run(args, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert checkpoint_steps(tmp_path) == [1, 2, 3]
+    run = subprocess.run(args + ["--config.model.overrides.d_model=96"], capture_output=True,
+                         text=True)
+    errors = [line for line in run.stderr.splitlines() if line.startswith("error:")]
+    assert run.returncode == 2 and len(errors) == 1, run.stderr[-3000:]
+    assert "different model" in errors[0] and "d_model 64 -> 96" in errors[0], errors[0]
+    assert "new --workdir" in errors[0] and "Traceback" not in run.stderr
+    assert checkpoint_steps(tmp_path) == [1, 2, 3]
 
 
 def test_bad_config_is_one_clear_error(tmp_path):
