@@ -34,6 +34,16 @@ def save_model(directory: str | os.PathLike, model: Transformer) -> epath.Path:
     return directory
 
 
+def is_model_directory(directory: str | os.PathLike) -> bool:
+    """True if `directory` holds a saved model: config.json of this format and params/."""
+    directory = as_path(directory)
+    try:
+        meta = json.loads((directory / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(meta, dict) and meta.get("format") == FORMAT and (directory / "params").is_dir()
+
+
 def read_model_config(directory: str | os.PathLike) -> ModelConfig:
     file = as_path(directory) / "config.json"
     if not file.is_file():

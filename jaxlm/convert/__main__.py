@@ -22,7 +22,7 @@ def _parser() -> argparse.ArgumentParser:
     imp.add_argument("--param_dtype", choices=["float32", "bfloat16"], default=None,
                      help="storage dtype (default: the checkpoint's own dtype if bf16/f32)")
     imp.add_argument("--overwrite", action="store_true",
-                     help="replace DST if it already holds a model")
+                     help="replace DST if it already holds a jaxlm model (written beside DST, then renamed into place)")
     exp = sub.add_parser(
         "export-hf", help="jaxlm model directory -> HF directory for transformers / vLLM",
         description="Write a Hugging Face directory (config.json, model.safetensors or shards + "
@@ -54,26 +54,27 @@ def _size(text: str) -> int:
 
 
 def import_hf(src: str, dst: str, param_dtype: str | None = None, overwrite: bool = False) -> Path:
-    from jaxlm.checkpoint import save_model
+    from jaxlm.checkpoint import FORMAT, is_model_directory, save_model
     from jaxlm.convert import hf
-
+    from jaxlm.convert.staging import check_destination, staged_directory
     from jaxlm.paths import as_path
 
-    dst_path = as_path(dst)  # local, or a bucket URL (gs://...)
-    if dst_path.exists() and any(dst_path.iterdir()) and not overwrite:
-        raise FileExistsError(f"{dst}: exists and is not empty; choose another --dst or pass --overwrite")
+    # --dst is local or a bucket URL (gs://...); checked before the long load. The model is
+    # written beside it and renamed into place, so a failure or Ctrl-C leaves --dst as it was.
+    dst_path = check_destination(src, dst, overwrite=overwrite, replaceable=is_model_directory,
+                                 kind=f"a jaxlm model directory (config.json with format "
+                                      f"{FORMAT!r} and params/)")
     overrides = {"param_dtype": param_dtype} if param_dtype else {}
     start = time.perf_counter()
     model = hf.load(src, **overrides)
-    if overwrite and dst_path.exists():
-        dst_path.rmtree()
-    out = save_model(dst_path, model)
-    if (Path(src) / "tokenizer.model").is_file():  # Meta / HF Llama dirs ship the SentencePiece model
-        as_path(Path(src) / "tokenizer.model").copy(out / "tokenizer.model", overwrite=True)
+    with staged_directory(dst_path, "import") as tmp:
+        save_model(tmp, model)
+        if (Path(src) / "tokenizer.model").is_file():  # Meta / HF Llama dirs ship the SentencePiece model
+            as_path(Path(src) / "tokenizer.model").copy(tmp / "tokenizer.model", overwrite=True)
     n = model.cfg.param_count()
-    print(f"imported {n / 1e6:.1f}M parameters from {src} -> {out} "
+    print(f"imported {n / 1e6:.1f}M parameters from {src} -> {dst_path} "
           f"({time.perf_counter() - start:.1f}s)")
-    return out
+    return dst_path
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,13 +9,13 @@ layouts come from the same rule table as import (jaxlm.convert.names), inverted.
 
 Memory: the parameters once (restored from orbax) plus one shard of converted tensors; a shard is
 converted, written and dropped before the next one starts. Everything is written to a temporary
-sibling directory that is renamed into place at the end, so a failure writes nothing.
+sibling directory that is renamed into place at the end (jaxlm.convert.staging), so a failure
+writes nothing.
 """
 from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -100,6 +100,7 @@ def export_hf(src: str | Path, dst: str | Path, *, dtype: str | None = None,
               progress: bool = True) -> Path:
     """Write the HF directory `dst` from the jaxlm model directory `src` (see module docstring)."""
     from jaxlm.checkpoint import load_model, read_model_config
+    from jaxlm.convert.staging import check_destination, staged_directory
     from jaxlm.paths import is_remote
 
     for flag, path in (("--src", src), ("--dst", dst)):
@@ -107,10 +108,8 @@ def export_hf(src: str | Path, dst: str | Path, *, dtype: str | None = None,
             raise ValueError(f"{flag} {path}: export-hf reads and writes local directories only; "
                              f"copy the model down first (gcloud storage cp -r SRC .) and the "
                              f"export up after (gcloud storage cp -r DST gs://...)")
+    check_destination(src, dst, overwrite=overwrite)
     src, dst = Path(src), Path(dst)
-    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())) and not overwrite:
-        raise FileExistsError(f"{dst}: exists and is not empty; choose another --dst or pass "
-                              "--overwrite")
     if dtype is not None and dtype not in _DTYPES:
         raise ValueError(f"dtype={dtype!r}: choose one of {_DTYPES}")
     cfg = read_model_config(src)
@@ -123,11 +122,8 @@ def export_hf(src: str | Path, dst: str | Path, *, dtype: str | None = None,
 
     tensors = hf_tensor_sizes(cfg, params, jax.numpy.dtype(dtype).itemsize)
     shards = plan_shards([t[3] for t in tensors], max_shard_bytes)
-    tmp = dst.parent / f".{dst.name}.export-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    try:
+    with staged_directory(dst, "export") as staged:
+        tmp = Path(staged)
         files = (["model.safetensors"] if len(shards) == 1 else
                  [f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors" for k in range(len(shards))])
         weight_map = {}
@@ -154,12 +150,6 @@ def export_hf(src: str | Path, dst: str | Path, *, dtype: str | None = None,
             write_tokenizer_files(tok[0], tmp, cfg.max_seq_len)
         elif progress:
             print(f"  note: {src} has no tokenizer.model; the export has no tokenizer files")
-        if dst.exists():
-            shutil.rmtree(dst) if dst.is_dir() else dst.unlink()
-        tmp.rename(dst)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
     return dst
 
 

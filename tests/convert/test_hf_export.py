@@ -155,3 +155,9 @@ def test_moe_every_other_layer_cannot_be_mixtral(tmp_path):
     with pytest.raises(ValueError, match="moe.every=2"):
         export_hf(ckpt, tmp_path / "hf", progress=False)
     assert not (tmp_path / "hf").exists()
+
+
+def test_overwrite_never_replaces_the_source(ckpt):
+    with pytest.raises(ValueError, match="overlap"):
+        export_hf(ckpt, ckpt, overwrite=True, progress=False)
+    assert (ckpt / "params").is_dir()

@@ -12,6 +12,7 @@ from safetensors.torch import load_file, save_file
 
 from jaxlm.checkpoint import load_model
 from jaxlm.convert import hf
+from jaxlm.convert.__main__ import import_hf
 
 
 def _tokens(vocab, shape=(2, 24), seed=0):
@@ -111,3 +112,49 @@ def test_bad_directories(broken_copy, tmp_path):
     (path / "model.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match="no model.safetensors"):
         hf.load(path)
+
+
+def test_overwrite_never_deletes_the_source_or_an_unrelated_folder(make_hf_model, tmp_path):
+    from jaxlm.convert.__main__ import main as convert_main
+
+    _, path = make_hf_model("llama")
+    src = tmp_path / "hf"
+    shutil.copytree(path, src)
+    before = sorted(p.name for p in src.iterdir())
+    for dst in (src, src / "sub"):  # --dst == --src, or inside it
+        with pytest.raises(ValueError, match="overlap"):
+            import_hf(str(src), str(dst), overwrite=True)
+    assert sorted(p.name for p in src.iterdir()) == before
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep")
+    with pytest.raises(FileExistsError, match="only replaces a jaxlm model directory"):
+        import_hf(str(src), str(mine), overwrite=True)
+    assert (mine / "notes.txt").read_text() == "keep"
+    (tmp_path / "file").write_text("x")
+    assert convert_main(["import-hf", "--src", str(src), "--dst", str(tmp_path / "file")]) == 2
+    # A jaxlm model is replaced; nothing is left beside it.
+    dst = tmp_path / "ckpt"
+    import_hf(str(src), str(dst))
+    import_hf(str(src), str(dst), overwrite=True)
+    assert load_model(dst).cfg.n_layers == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "file", "hf", "mine"]
+
+
+def test_failed_import_leaves_the_old_model(make_hf_model, tmp_path, monkeypatch):
+    import jaxlm.checkpoint
+
+    _, path = make_hf_model("llama")
+    dst = tmp_path / "ckpt"
+    import_hf(str(path), str(dst))
+    saved = (dst / "config.json").read_text()
+
+    def interrupted(directory, model):
+        (directory / "config.json").write_text("half")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(jaxlm.checkpoint, "save_model", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        import_hf(str(path), str(dst), overwrite=True)
+    assert (dst / "config.json").read_text() == saved and (dst / "params").is_dir()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
