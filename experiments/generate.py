@@ -85,10 +85,14 @@ def run(args) -> int:
         start = time.perf_counter()
         out = generate(model, [ids], max_new_tokens=args.max_new_tokens, sampling=sampling,
                        seed=args.seed, eos_id=eos, prefill_chunk=args.prefill_chunk)
-        return out.tokens[0], time.perf_counter() - start
+        return out.tokens[0], out.finished[0], time.perf_counter() - start
 
     if chat:
-        return chat_loop(tok, complete, args.system)
+        # Full-attention models hold prompt + answer in max_seq_len positions (generate checks
+        # it); sliding-window ones decode any length in their rolling buffer.
+        cfg = model.cfg
+        budget = None if cfg.sliding_window is not None else cfg.max_seq_len - args.max_new_tokens
+        return chat_loop(tok, complete, args.system, budget)
     if args.prompt_ids is not None:
         try:
             ids = [int(x) for x in args.prompt_ids.split(",") if x.strip()]
@@ -96,7 +100,7 @@ def run(args) -> int:
             raise ValueError(f"--prompt_ids must be comma-separated integers, got {args.prompt_ids!r}") from None
     else:
         ids = tok.encode(args.prompt, bos=True)
-    new, seconds = complete(ids)
+    new, _, seconds = complete(ids)
     # Decode prompt and continuation together: SentencePiece drops the leading space of the first
     # piece of whatever it decodes, so decode(new) alone would glue "is" + "Paris" into "isParis".
     if args.json:
@@ -110,8 +114,9 @@ def run(args) -> int:
     return 0
 
 
-def chat_loop(tok, complete, system) -> int:
-    from jaxlm.chat import encode_dialog_prompt
+def chat_loop(tok, complete, system, budget: int | None) -> int:
+    """Read user lines from stdin until an empty line or EOF; `budget`: prompt tokens that fit."""
+    from jaxlm.chat import fit_dialog_prompt
 
     dialog = [{"role": "system", "content": system}] if system else []
     print("Llama-2 chat. Empty line or Ctrl-D to quit.", file=sys.stderr)
@@ -122,16 +127,21 @@ def chat_loop(tok, complete, system) -> int:
             break
         if not user.strip():
             break
-        dialog.append({"role": "user", "content": user})
         try:
-            new, seconds = complete(encode_dialog_prompt(tok, dialog))
-        except ValueError as e:  # e.g. a control tag typed by the user: report, keep chatting
+            ids, kept = fit_dialog_prompt(tok, dialog + [{"role": "user", "content": user}], budget)
+            new, finished, seconds = complete(ids)
+        except ValueError as e:  # a control tag typed by the user, or one message too long
             print(f"error: {e}", file=sys.stderr)
-            dialog.pop()
             continue
+        dropped = (len(dialog) + 1 - len(kept)) // 2
+        if dropped:
+            print(f"[context full: dropped the oldest {dropped} exchange(s) to fit max_seq_len "
+                  f"with --max_new_tokens]", file=sys.stderr)
         answer = tok.decode(new).strip()
         print(f"assistant> {answer}")
-        dialog.append({"role": "assistant", "content": answer})
+        if not finished:
+            print("[truncated at --max_new_tokens]", file=sys.stderr)
+        dialog = kept + [{"role": "assistant", "content": answer}]
     return 0
 
 

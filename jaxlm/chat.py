@@ -57,6 +57,24 @@ def encode_dialog_prompt(tokenizer: Tokenizer, dialog: Sequence[Message]) -> lis
     return encode_dialog(tokenizer, dialog)[0]
 
 
+def fit_dialog_prompt(tokenizer: Tokenizer, dialog: Sequence[Message],
+                      max_tokens: int | None) -> tuple[list[int], list[Message]]:
+    """Prompt ids of `dialog` in at most `max_tokens` tokens, dropping the oldest exchanges.
+
+    Whole user/assistant pairs go, oldest first; the system message and the last user message
+    stay. Returns (ids, the dialog those ids encode). max_tokens None: no limit. If the system
+    message and the last user message alone are too long, the ids are longer than max_tokens
+    (the caller's length check reports it).
+    """
+    dialog = list(dialog)
+    first = 1 if dialog and dialog[0].get("role") == "system" else 0
+    ids = encode_dialog_prompt(tokenizer, dialog)
+    while max_tokens is not None and len(ids) > max_tokens and len(dialog) - first > 1:
+        del dialog[first:first + 2]
+        ids = encode_dialog_prompt(tokenizer, dialog)
+    return ids, dialog
+
+
 def encode_dialog_turns(tokenizer: Tokenizer,
                         dialog: Sequence[Message]) -> list[tuple[list[int], list[int]]]:
     """The (ids, loss_mask) of each turn: one per user/assistant pair, plus the open last user turn.

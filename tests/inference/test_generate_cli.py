@@ -1,5 +1,6 @@
 """experiments/generate.py end to end on checkpoints whose model always answers one known token
 (tests/inference/conftest.py): text assembly, tokenizer and eos handling, chat, errors."""
+import io
 import json
 
 from jaxlm.tokenizer import Tokenizer
@@ -38,3 +39,32 @@ def test_prompt_ids_use_the_checkpoint_tokenizer_for_eos_and_vocab(constant_chec
     assert generate_cli.main(["--checkpoint", str(constant_checkpoint(vocab + 10)),
                               "--prompt_ids", "1,5", "--max_new_tokens", "3", "--json"]) == 0
     assert all(i < vocab for i in json.loads(capsys.readouterr().out)["ids"])
+
+
+def test_chat_drops_old_exchanges_when_the_context_is_full(constant_checkpoint, tokenizer_file,
+                                                           generate_cli, capsys, monkeypatch):
+    # max_seq_len 80 holds the first two turns (prompts of 47 and 72 tokens + 4 new); the third
+    # (97 + 4) fits only without the first exchange, and so on for every later turn.
+    ckpt = constant_checkpoint(_piece_id(Tokenizer(tokenizer_file), "▁is"), max_seq_len=80)
+    monkeypatch.setattr("sys.stdin", io.StringIO("hi\nhi\nhi\nhi\n"))
+    assert generate_cli.main(["--checkpoint", str(ckpt), "--chat", "--system", "Be brief.",
+                              "--max_new_tokens", "4", "--temperature", "0"]) == 0
+    out, err = capsys.readouterr()
+    assert out.count("assistant> is is is is") == 4, err
+    assert err.count("dropped the oldest 1 exchange(s)") == 2 and "error" not in err
+    assert err.count("[truncated at --max_new_tokens]") == 4  # the model never says eos
+
+
+def test_fit_dialog_prompt_keeps_the_system_message_and_the_last_question(tokenizer_file):
+    from jaxlm.chat import encode_dialog_prompt, fit_dialog_prompt
+
+    tok = Tokenizer(tokenizer_file)
+    dialog = [{"role": "system", "content": "Be brief."}]
+    for q in ("one", "two", "three"):
+        dialog += [{"role": "user", "content": q}, {"role": "assistant", "content": "is"}]
+    dialog.append({"role": "user", "content": "four"})
+    ids, kept = fit_dialog_prompt(tok, dialog, len(encode_dialog_prompt(tok, dialog)) - 1)
+    assert kept == dialog[:1] + dialog[3:] and ids == encode_dialog_prompt(tok, kept)
+    ids, kept = fit_dialog_prompt(tok, dialog, 1)  # too small for anything: system + last stay
+    assert kept == dialog[:1] + dialog[-1:]
+    assert fit_dialog_prompt(tok, dialog, None)[1] == dialog
