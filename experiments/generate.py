@@ -51,6 +51,9 @@ def main(argv=None) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C while loading or generating: no traceback
+        print("\ninterrupted", file=sys.stderr)
+        return 130  # 128 + SIGINT, as a shell reports it
 
 
 def load(args):
@@ -119,11 +122,12 @@ def chat_loop(tok, complete, system, budget: int | None) -> int:
     from jaxlm.chat import fit_dialog_prompt
 
     dialog = [{"role": "system", "content": system}] if system else []
-    print("Llama-2 chat. Empty line or Ctrl-D to quit.", file=sys.stderr)
+    print("Llama-2 chat. Empty line, Ctrl-D or Ctrl-C to quit.", file=sys.stderr)
     while True:
         try:
             user = input("you> ")
-        except EOFError:
+        except (EOFError, KeyboardInterrupt):  # Ctrl-D or Ctrl-C at the prompt: quit
+            print(file=sys.stderr)
             break
         if not user.strip():
             break

@@ -158,3 +158,16 @@ def test_failed_import_leaves_the_old_model(make_hf_model, tmp_path, monkeypatch
         import_hf(str(path), str(dst), overwrite=True)
     assert (dst / "config.json").read_text() == saved and (dst / "params").is_dir()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+
+
+def test_ctrl_c_prints_interrupted(make_hf_model, tmp_path, monkeypatch, capsys):
+    from jaxlm.convert.__main__ import main as convert_main
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    _, path = make_hf_model("llama")
+    monkeypatch.setattr(hf, "load", interrupted)
+    assert convert_main(["import-hf", "--src", str(path), "--dst", str(tmp_path / "ckpt")]) == 130
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "interrupted"
+    assert not list(tmp_path.iterdir())

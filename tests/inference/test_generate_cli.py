@@ -68,3 +68,27 @@ def test_fit_dialog_prompt_keeps_the_system_message_and_the_last_question(tokeni
     ids, kept = fit_dialog_prompt(tok, dialog, 1)  # too small for anything: system + last stay
     assert kept == dialog[:1] + dialog[-1:]
     assert fit_dialog_prompt(tok, dialog, None)[1] == dialog
+
+
+class _CtrlC:
+    """stdin on which the user presses Ctrl-C at the prompt."""
+
+    def readline(self, *_):
+        raise KeyboardInterrupt
+
+
+def test_ctrl_c_prints_interrupted_without_a_traceback(constant_checkpoint, tokenizer_file,
+                                                       generate_cli, capsys, monkeypatch):
+    ckpt = str(constant_checkpoint(_piece_id(Tokenizer(tokenizer_file), "▁is")))
+    # At the chat prompt: like Ctrl-D, a normal exit.
+    monkeypatch.setattr("sys.stdin", _CtrlC())
+    assert generate_cli.main(["--checkpoint", ckpt, "--chat"]) == 0
+    assert "Traceback" not in capsys.readouterr().err
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    # While generating: "interrupted", exit status 130 (128 + SIGINT).
+    monkeypatch.setattr("jaxlm.inference.generate.generate", interrupted)
+    assert generate_cli.main(["--checkpoint", ckpt, "--prompt", PROMPT]) == 130
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "interrupted"
