@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -34,7 +35,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--temperature", type=float, default=None,
                    help="0 = greedy (default for --prompt/--prompt_ids; 0.6 for --chat, Llama-2)")
     p.add_argument("--top_p", type=float, default=None, help="nucleus mass (default 1.0; 0.9 for --chat)")
-    p.add_argument("--top_k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
+    p.add_argument("--top_k", type=int, default=None, help="keep the k most likely tokens (default 0 = off)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (same seed, same output)")
     p.add_argument("--prefill_chunk", type=int, default=None, help="prompt tokens per prefill step")
     p.add_argument("--json", action="store_true", help='print one JSON object {"ids": [...], ...}')
@@ -72,16 +73,32 @@ def load(args):
     return model, Tokenizer(local_copy(tok_path))  # SentencePiece reads local files only
 
 
+def check_args(args) -> None:
+    """Flag errors naming the flag, before the checkpoint is read or anything compiles."""
+    t = args.temperature
+    if t is not None and not (math.isfinite(t) and t >= 0):
+        raise ValueError(f"--temperature must be a finite number >= 0 (0 = greedy), got {t}")
+    greedy = t == 0 or (t is None and not args.chat)
+    if greedy and (args.top_k is not None or args.top_p is not None):
+        raise ValueError("--top_k/--top_p shape sampling, but decoding is greedy (--temperature "
+                         f"{0 if t is None else t}); set --temperature > 0 to sample")
+    for flag, value in (("--max_new_tokens", args.max_new_tokens),
+                        ("--prefill_chunk", args.prefill_chunk)):
+        if value is not None and value < 1:
+            raise ValueError(f"{flag} must be >= 1, got {value}")
+
+
 def run(args) -> int:
     from jaxlm.inference.generate import generate
     from jaxlm.inference.sampling import SamplingConfig
 
+    check_args(args)
     model, tok = load(args)
     chat = args.chat
     sampling = SamplingConfig(
         temperature=args.temperature if args.temperature is not None else (0.6 if chat else 0.0),
         top_p=args.top_p if args.top_p is not None else (0.9 if chat else 1.0),
-        top_k=args.top_k, vocab_limit=tok.vocab_size if tok else None)
+        top_k=args.top_k or 0, vocab_limit=tok.vocab_size if tok else None)
     eos = tok.eos_id if tok else None
 
     def complete(ids):

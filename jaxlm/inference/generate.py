@@ -58,9 +58,9 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], *, max_new_to
         raise ValueError(f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) exceeds "
                          f"the model's context max_seq_len={cfg.max_seq_len}; shorten the prompt "
                          "or lower max_new_tokens")
-    chunk = prefill_chunk or default_chunk(model, longest)
-    if chunk < 1:
-        raise ValueError(f"prefill_chunk must be >= 1, got {chunk}")
+    if prefill_chunk is not None and prefill_chunk < 1:  # 0 is an error, not "the default"
+        raise ValueError(f"prefill_chunk must be >= 1 (or None for the default), got {prefill_chunk}")
+    chunk = default_chunk(model, longest) if prefill_chunk is None else prefill_chunk
     padded = chunk * math.ceil(longest / chunk)
     tokens = np.zeros((len(prompts), padded), np.int32)
     for row, p in enumerate(prompts):

@@ -6,6 +6,7 @@ them on fixed logits and a seed reproduces a sample exactly.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
@@ -13,7 +14,7 @@ import jax.numpy as jnp
 
 @dataclasses.dataclass(frozen=True)
 class SamplingConfig:
-    """temperature 0 = greedy. top_k 0 = off. top_p 1.0 = off.
+    """temperature 0 = greedy. top_k 0 = off (a top_k above V keeps all V, as HF). top_p 1.0 = off.
 
     Llama-2 chat defaults (SPEC §2): temperature 0.6, top_p 0.9.
     vocab_limit: ids >= this are never sampled (rows of a padded vocabulary the tokenizer lacks).
@@ -25,8 +26,9 @@ class SamplingConfig:
     vocab_limit: int | None = None
 
     def __post_init__(self):
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):  # nan passes `< 0`
+            raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got "
+                             f"{self.temperature}")
         if self.top_k < 0:
             raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
         if not 0 < self.top_p <= 1:
@@ -49,7 +51,7 @@ def filtered_logits(logits: jax.Array, cfg: SamplingConfig) -> jax.Array:
         return logits
     logits = logits / cfg.temperature
     if cfg.top_k:
-        kth = jax.lax.top_k(logits, cfg.top_k)[0][..., -1:]
+        kth = jax.lax.top_k(logits, min(cfg.top_k, logits.shape[-1]))[0][..., -1:]
         logits = jnp.where(logits >= kth, logits, neg)
     if cfg.top_p < 1.0:
         # Meta llama/generation.py sample_top_p: sort descending, keep a token if the probability

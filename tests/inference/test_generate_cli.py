@@ -3,6 +3,8 @@
 import io
 import json
 
+import pytest
+
 from jaxlm.tokenizer import Tokenizer
 
 PROMPT = "The capital of France is"
@@ -92,3 +94,25 @@ def test_ctrl_c_prints_interrupted_without_a_traceback(constant_checkpoint, toke
     monkeypatch.setattr("jaxlm.inference.generate.generate", interrupted)
     assert generate_cli.main(["--checkpoint", ckpt, "--prompt", PROMPT]) == 130
     assert capsys.readouterr().err.strip().splitlines()[-1] == "interrupted"
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--temperature", "nan"], "--temperature must be a finite number >= 0"),
+    (["--temperature", "-1"], "--temperature must be a finite number >= 0"),
+    (["--top_k", "5"], "set --temperature > 0 to sample"),
+    (["--top_p", "0.9", "--temperature", "0"], "set --temperature > 0 to sample"),
+    (["--prefill_chunk", "0"], "--prefill_chunk must be >= 1"),
+])
+def test_bad_sampling_flags_are_one_line_naming_the_flag(flags, message, constant_checkpoint,
+                                                         generate_cli, capsys):
+    assert generate_cli.main(["--checkpoint", str(constant_checkpoint(5)), "--prompt", PROMPT,
+                              *flags]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+
+
+def test_top_k_larger_than_the_vocabulary_samples(constant_checkpoint, generate_cli, capsys):
+    assert generate_cli.main(["--checkpoint", str(constant_checkpoint(5)), "--prompt_ids", "1,5",
+                              "--temperature", "1", "--top_k", "100000", "--max_new_tokens", "2",
+                              "--json"]) == 0
+    assert len(json.loads(capsys.readouterr().out)["ids"]) <= 2

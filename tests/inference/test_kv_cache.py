@@ -133,3 +133,8 @@ def test_bad_generation_input(full_model):
     with pytest.raises(ValueError, match="segment_ids are for packed training rows"):
         cache = KVCache.create(full_model.cfg, 1, 8)
         full_model(jnp.ones((1, 2), jnp.int32), cache=cache, segment_ids=jnp.ones((1, 2), jnp.int32))
+
+
+def test_prefill_chunk_zero_is_an_error_not_the_default(full_model):
+    with pytest.raises(ValueError, match="prefill_chunk must be >= 1"):
+        generate(full_model, [[1, 2, 3]], max_new_tokens=1, prefill_chunk=0)

@@ -78,3 +78,15 @@ def test_argmax_matches_numpy_on_ties_infinities_and_nans():
 def test_invalid_sampling_config(field, value):
     with pytest.raises(ValueError, match=field):
         SamplingConfig(**{field: value})
+
+
+def test_top_k_above_the_vocabulary_keeps_every_token():
+    # HF's TopKLogitsWarper clamps k to V; jax.lax.top_k would fail on k > V.
+    wide = filtered_logits(jnp.asarray(LOGITS), SamplingConfig(temperature=1.0, top_k=10_000))
+    np.testing.assert_allclose(np.asarray(wide), LOGITS, rtol=1e-6)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_temperature_must_be_finite(value):
+    with pytest.raises(ValueError, match="temperature must be a finite number"):
+        SamplingConfig(temperature=value)
