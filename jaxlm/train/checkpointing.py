@@ -27,8 +27,11 @@ class Checkpoints:
         self.directory = as_path(directory)  # local, or gs:// (orbax writes buckets itself)
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                                enable_async_checkpointing=async_save)
-        self.manager = ocp.CheckpointManager(self.directory, options=options,
-                                             item_names=("state", "data", "config"))
+        # Handlers up front (not item_names): a fresh manager can then read a step's metadata,
+        # which restore_latest compares with the current model before restoring anything.
+        self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers={
+            "state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler(),
+            "config": ocp.JsonCheckpointHandler()})
 
     def save(self, step: int, state: Any, data_state: dict, config: dict, *, force: bool = False) -> bool:
         """Start saving (returns at once when async); orbax writes to a temp dir and renames it

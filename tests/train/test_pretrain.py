@@ -123,7 +123,8 @@ def _two_checkpoints(directory):
 
 
 def test_checkpoint_of_another_model_is_an_error_and_nothing_is_deleted(tmp_path):
-    ckpts, _ = _two_checkpoints(tmp_path / "ckpt")
+    _two_checkpoints(tmp_path / "ckpt")[0].close()
+    ckpts = Checkpoints(tmp_path / "ckpt", keep=5, async_save=False)  # as a restarted run opens it
     other = abstract_like({"w": jnp.zeros((4, 8)), "step": jnp.int32(0)})
     with pytest.raises(ValueError, match=r"different model.*w: checkpoint \[4, 4\], config "
                        r"\[4, 8\].*d_model 4 -> 8.*new --workdir"):
@@ -173,7 +174,8 @@ def test_resume_with_another_model_is_one_error_line(tmp_path):
                          text=True)
     errors = [line for line in run.stderr.splitlines() if line.startswith("error:")]
     assert run.returncode == 2 and len(errors) == 1, run.stderr[-3000:]
-    assert "different model" in errors[0] and "d_model 64 -> 96" in errors[0], errors[0]
+    assert "different model" in errors[0] and "checkpoint 3 " in errors[0], errors[0]
+    assert "d_model 64 -> 96" in errors[0]
     assert "new --workdir" in errors[0] and "Traceback" not in run.stderr
     assert checkpoint_steps(tmp_path) == [1, 2, 3]
 
