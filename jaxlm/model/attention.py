@@ -197,7 +197,13 @@ class KVCache(NamedTuple):
 
     @classmethod
     def create(cls, cfg: ModelConfig, batch: int, max_len: int) -> "KVCache":
-        """An empty cache for sequences of up to `max_len` tokens (prompt + generation)."""
+        """An empty cache for sequences of up to `max_len` tokens (prompt + generation).
+
+        Precondition: every position written must be < max_len (unless the model's sliding
+        window is <= max_len, when the buffer rolls by design). A smaller full-attention cache
+        would overwrite the oldest keys; Transformer raises when positions are concrete, and
+        cannot check under jit. generate() sizes the cache itself.
+        """
         slots = min(max_len, cfg.sliding_window) if cfg.sliding_window else max_len
         shape = (cfg.n_layers, batch, cfg.n_kv_heads, slots, cfg.head_dim)
         keys = (cfg.n_layers, batch, cfg.n_kv_heads, cfg.head_dim, slots)

@@ -177,6 +177,7 @@ class Transformer(nnx.Module):
             if segment_ids is not None:
                 raise ValueError("segment_ids are for packed training rows; a cached call takes "
                                  "one sequence per row (use positions = -1 for padding)")
+            self._check_cache_size(cache, positions)
             update = CacheUpdate.plan(cache.pos, positions)
         # One scan step = one group of `every` consecutive layers: every-1 dense blocks, then
         # the block of `self.layers` (the MoE block of an MoE model). Stacks are [G, ...].
@@ -249,6 +250,21 @@ class Transformer(nnx.Module):
         else:
             out = output_head(x, self.lm_head[...].astype(self.cfg.compute_dtype))
         return constrain(out, ("activation_batch", "activation_length", "activation_vocab"))
+
+    def _check_cache_size(self, cache: KVCache, positions) -> None:
+        """Position p lives in slot p mod S, so a cache with fewer slots than the sequence would
+        overwrite the oldest keys: silently a sliding window the model does not have. Checked
+        when positions are concrete (eager calls); under jit the caller must size the cache."""
+        window = self.cfg.sliding_window
+        if isinstance(positions, jax.core.Tracer) or (window is not None and cache.size >= window):
+            return
+        last = int(np.max(np.asarray(positions)))
+        if last >= cache.size:
+            raise ValueError(
+                f"position {last} does not fit the KVCache's {cache.size} slots: older keys would "
+                "be overwritten (a sliding window this model does not have); create the cache "
+                f"with KVCache.create(cfg, batch, max_len=...) for the whole sequence, at least "
+                f"{last + 1}")
 
     def _check_tokens(self, tokens) -> None:
         """Clear errors for bad token input, raised before any compilation when tokens are concrete."""

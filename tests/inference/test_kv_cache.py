@@ -138,3 +138,17 @@ def test_bad_generation_input(full_model):
 def test_prefill_chunk_zero_is_an_error_not_the_default(full_model):
     with pytest.raises(ValueError, match="prefill_chunk must be >= 1"):
         generate(full_model, [[1, 2, 3]], max_new_tokens=1, prefill_chunk=0)
+
+
+@pytest.mark.parametrize("name", ["full_model", "swa_model"])
+def test_cache_smaller_than_the_sequence_is_an_error(name, request):
+    # Full attention: 6 slots for 8 positions would silently act as a 6-token sliding window.
+    # test_swa (W = 8): 6 slots < W is the same mistake; 8 slots = W rolls by design.
+    model = request.getfixturevalue(name)
+    tokens = jnp.ones((1, 8), jnp.int32)
+    with pytest.raises(ValueError, match=r"position 7 does not fit the KVCache's 6 slots.*"
+                                         r"KVCache.create\(cfg, batch, max_len=...\)"):
+        model(tokens, cache=KVCache.create(model.cfg, 1, 6))
+    model(tokens, cache=KVCache.create(model.cfg, 1, 8))
+    if name == "swa_model":
+        model(jnp.ones((1, 12), jnp.int32), cache=KVCache.create(model.cfg, 1, 100))  # rolls
