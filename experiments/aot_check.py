@@ -147,6 +147,8 @@ def run(argv=None) -> int:
             args.emulate = _chips_from_name(args.topology) * args.num_slices
         _setup_env(args)
 
+        from jaxlm.data.batching import batch_shards, plan_batches
+        from jaxlm import sharding
         from jaxlm.sharding import MeshConfig
         from jaxlm.train import aot
 
@@ -154,9 +156,15 @@ def run(argv=None) -> int:
         config = build_config(args)
         n = args.emulate if args.emulate is not None else topo.chips * args.num_slices
         try:
-            MeshConfig(**config.mesh.to_dict()).resolve(n, args.num_slices)
+            ici, dcn = MeshConfig(**config.mesh.to_dict()).resolve(n, args.num_slices)
         except ValueError as e:
             raise BadInput(f"--mesh: {e}") from None
+        t = config.train
+        try:  # the batch arithmetic, checked here rather than inside the compile
+            plan_batches(t.global_batch_tokens, t.seq_len, batch_shards(
+                {a: i * d for a, i, d in zip(sharding.MESH_AXES, ici, dcn)}), 1, t.micro_batch_per_device)
+        except ValueError as e:
+            raise BadInput(f"--global_batch_tokens / --seq_len / --micro_batch: {e}") from None
         hbm = (int(args.hbm_gib * aot.GiB) if args.hbm_gib is not None
                else topo.hbm_bytes if topo else None)
     except (BadInput, ValueError) as e:

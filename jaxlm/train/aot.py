@@ -27,7 +27,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxlm.config import ModelConfig, get_preset
-from jaxlm.data.batching import plan_batches
+from jaxlm.data.batching import batch_shards, plan_batches
 from jaxlm.model import Transformer
 from jaxlm.sharding import MeshConfig, make_mesh, state_partition_specs, state_shardings
 from jaxlm.train.metrics import train_flops_per_token
@@ -178,8 +178,8 @@ def abstract_inputs(config, mesh, num_processes: int = 1):
     c = config.to_dict() if hasattr(config, "to_dict") else dict(config)
     cfg = model_config(c)
     t = c["train"]
-    plan = plan_batches(t["global_batch_tokens"], t["seq_len"], mesh.devices.size, num_processes,
-                        t["micro_batch_per_device"])
+    plan = plan_batches(t["global_batch_tokens"], t["seq_len"], batch_shards(mesh.shape),
+                        num_processes, t["micro_batch_per_device"])
     graphdef, abstract = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
     tx = make_optimizer(OptimConfig(total_steps=t["steps"], **c["optim"]), abstract)
     shard = nnx.to_pure_dict(state_shardings(abstract, mesh))

@@ -18,7 +18,7 @@ from etils import epath
 from flax import nnx
 
 from jaxlm.config import ModelConfig, get_preset
-from jaxlm.data.batching import BatchPlan, plan_batches
+from jaxlm.data.batching import BatchPlan, batch_shards, plan_batches
 from jaxlm.data.pipeline import DataConfig, make_pretrain_iterator
 from jaxlm.model import Transformer
 from jaxlm.paths import as_path, is_remote, local_copy
@@ -167,7 +167,8 @@ def resolve(config, workdir: epath.Path) -> Experiment:
 
         check_model_vocab(tokenizer, model.vocab_size)
     mesh = make_mesh(MeshConfig(**c["mesh"]))
-    plan = plan_batches(train.global_batch_tokens, train.seq_len, jax.device_count(),
+    # The batch splits over data x fsdp x expert only: with tensor=T, T chips share each row.
+    plan = plan_batches(train.global_batch_tokens, train.seq_len, batch_shards(mesh.shape),
                         jax.process_count(), train.micro_batch_per_device)
     d = c["data"]
     data = DataConfig(source=d["source"], data_dir=d["data_dir"] or None, split=d["split"],

@@ -93,6 +93,10 @@ def test_topology_table():
     (["--preset", "test", "--topology", "v9-8"], "unknown TPU topology 'v9-8'"),
     (["--preset", "test", "--topology", "v9-8", "--emulate"], "--topology: 'v9-8' is not a TPU"),
     (["--preset", "test"], "give --topology"),
+    (["--preset", "test", "--emulate", "8", "--global_batch_tokens", "100"],
+     "--global_batch_tokens / --seq_len / --micro_batch: global_batch_tokens=100 is not a multiple"),
+    (["--preset", "test", "--emulate", "8", "--mesh", "fsdp=4,tensor=2", "--micro_batch", "3"],
+     "not a multiple of micro_batch_per_device x batch_shards (mesh data x fsdp x expert) = 3 x 4"),
 ])
 def test_cli_bad_input_is_one_line(args, message, capsys):
     # In-process: every one of these is rejected before anything compiles.

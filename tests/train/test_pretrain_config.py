@@ -56,3 +56,28 @@ def test_readme_override_command_runs(tmp_path):
     model = json.loads((tmp_path / "config.json").read_text())["model_config"]
     assert model["remat"] == "full" and model["n_layers"] == 1
     assert model["sliding_window"] is None and model["dtype"] == "float32"  # unset: the preset's
+
+
+def test_micro_batch_rows_land_on_each_device_with_tensor_parallelism(tmp_path):
+    """fsdp=4 x tensor=2 on 8 devices: the batch splits 4 ways, so micro_batch_per_device=2 means
+    8 rows per pass and 16 rows take 2 accumulation steps (dividing by all 8 devices gave 1
+    step, and each chip processed 4 rows per pass)."""
+    import jax
+    import numpy as np
+
+    from jaxlm.train.experiment import resolve
+    from jaxlm.train.trainer import batch_sharding_for
+
+    c = configs().get_config("test")
+    c.mesh.update(fsdp=4, tensor=2)
+    c.train.update(global_batch_tokens=16 * 32, seq_len=32, micro_batch_per_device=2)
+    exp = resolve(c, tmp_path)
+    plan = exp.plan
+    assert (plan.batch_shards, plan.micro_global_batch, plan.grad_accum_steps) == (4, 8, 2)
+    rows = plan.per_host_batch
+    sharding = batch_sharding_for(exp.mesh, rows, 32)
+    # The train step's micro-batch split (rows r % accum_steps), on the sharded batch.
+    batch = jax.device_put(np.arange(rows * 32, dtype=np.int32).reshape(rows, 32), sharding)
+    micro = jax.jit(lambda a: a.reshape(-1, plan.grad_accum_steps, 32).swapaxes(0, 1)[0])(batch)
+    assert {s.data.shape[0] for s in micro.addressable_shards} == {c.train.micro_batch_per_device}
+    assert len(micro.addressable_shards) == 8
