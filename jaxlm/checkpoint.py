@@ -45,13 +45,29 @@ def is_model_directory(directory: str | os.PathLike) -> bool:
 
 
 def read_model_config(directory: str | os.PathLike) -> ModelConfig:
-    file = as_path(directory) / "config.json"
+    directory = as_path(directory)
+    file = directory / "config.json"
+    # The two directories people pass by mistake: a trainer workdir (the model is in its model/
+    # subdirectory) and a Hugging Face model (config.json with "architectures").
+    hint = ""
+    if (directory / "model" / "config.json").is_file():
+        hint = (f"; this looks like a trainer workdir, whose model is {directory / 'model'}: pass "
+                f"that (e.g. --checkpoint {directory / 'model'})")
     if not file.is_file():
         raise FileNotFoundError(f"{file}: not a jaxlm model directory (expected config.json and "
-                                "params/ as written by `python -m jaxlm.convert import-hf`)")
-    meta = json.loads(file.read_text())
+                                f"params/ as written by `python -m jaxlm.convert import-hf`){hint}")
+    try:
+        meta = json.loads(file.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{file}: not valid JSON ({e})") from None
+    if not isinstance(meta, dict):
+        meta = {}
     if meta.get("format") != FORMAT:
-        raise ValueError(f"{file}: format {meta.get('format')!r} is not {FORMAT!r}")
+        if not hint and "architectures" in meta:
+            hint = (f"; it is a Hugging Face model: convert it first with `python -m "
+                    f"jaxlm.convert import-hf --src {directory} --dst OUT` and pass OUT")
+        raise ValueError(f"{file}: not a jaxlm model directory (format {meta.get('format')!r}, "
+                         f"expected {FORMAT!r}){hint}")
     return ModelConfig.from_dict(meta["model"], source=str(file))
 
 

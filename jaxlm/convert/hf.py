@@ -50,6 +50,11 @@ def config_from_hf(hf: dict[str, Any], *, source: str = "config.json", **overrid
         raise ValueError(f"{source}: rope scaling {rope!r} is not supported (only default RoPE)")
     # transformers >= 5 nests rope_theta in rope_parameters; older configs have it top level.
     theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
+    missing = [f for f in ("num_attention_heads", "vocab_size", "hidden_size", "num_hidden_layers",
+                           "intermediate_size") if f not in hf]
+    if missing:
+        raise ValueError(f"{source}: required field(s) {', '.join(missing)} missing; is this "
+                         "the config.json of a Llama / Mistral / Mixtral model?")
     heads = hf["num_attention_heads"]
     dtype = str(hf.get("dtype") or hf.get("torch_dtype") or "float32")
     fields = dict(
@@ -91,7 +96,13 @@ class SafetensorsReader:
         self.path = Path(path)
         index = self.path / "model.safetensors.index.json"
         if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+                if not isinstance(weight_map, dict):
+                    raise TypeError
+            except (ValueError, KeyError, TypeError):  # truncated download, or not an index
+                raise ValueError(f"{index}: not a safetensors index (valid JSON with a "
+                                 "\"weight_map\" object); download it again") from None
             self.where = {name: self.path / file for name, file in weight_map.items()}
             for file in set(self.where.values()):
                 if not file.is_file():

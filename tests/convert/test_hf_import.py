@@ -171,3 +171,18 @@ def test_ctrl_c_prints_interrupted(make_hf_model, tmp_path, monkeypatch, capsys)
     assert convert_main(["import-hf", "--src", str(path), "--dst", str(tmp_path / "ckpt")]) == 130
     assert capsys.readouterr().err.strip().splitlines()[-1] == "interrupted"
     assert not list(tmp_path.iterdir())
+
+
+def test_config_missing_a_field_and_truncated_index_are_named(broken_copy, make_hf_model, tmp_path):
+    path, _ = broken_copy
+    cfg = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({k: v for k, v in cfg.items() if k != "hidden_size"}))
+    with pytest.raises(ValueError, match=r"config.json: required field\(s\) hidden_size missing"):
+        hf.load(path)
+    ref_model, _ = make_hf_model("llama")
+    sharded = tmp_path / "sharded"
+    ref_model.save_pretrained(sharded, max_shard_size="100KB")
+    index = sharded / "model.safetensors.index.json"
+    index.write_text(index.read_text()[:50])  # an interrupted download
+    with pytest.raises(ValueError, match=r"model.safetensors.index.json: not a safetensors index"):
+        hf.load(sharded)

@@ -116,3 +116,21 @@ def test_top_k_larger_than_the_vocabulary_samples(constant_checkpoint, generate_
                               "--temperature", "1", "--top_k", "100000", "--max_new_tokens", "2",
                               "--json"]) == 0
     assert len(json.loads(capsys.readouterr().out)["ids"]) <= 2
+
+
+def test_wrong_directories_as_checkpoint_say_what_to_pass(constant_checkpoint, generate_cli,
+                                                          make_hf_model, tmp_path, capsys):
+    import shutil
+
+    # A trainer workdir: config.json (the experiment) at the top, the model in model/.
+    workdir = tmp_path / "run"
+    shutil.copytree(constant_checkpoint(5), workdir / "model")
+    (workdir / "config.json").write_text(json.dumps({"model": {"preset": "test"}}))
+    assert generate_cli.main(["--checkpoint", str(workdir), "--prompt_ids", "1"]) == 2
+    err = capsys.readouterr().err
+    assert f"--checkpoint {workdir / 'model'}" in err and len(err.strip().splitlines()) == 1
+    # A Hugging Face directory.
+    _, hf_dir = make_hf_model("llama")
+    assert generate_cli.main(["--checkpoint", str(hf_dir), "--prompt_ids", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "python -m jaxlm.convert import-hf" in err.splitlines()[-1]

@@ -124,6 +124,8 @@ def test_eos_stops_each_row_independently(full_model):
 
 
 def test_bad_generation_input(full_model):
+    with pytest.raises(ValueError, match=r"each a list of token ids \(e.g. \[\[1, 2, 3\]\]"):
+        generate(full_model, [1, 2, 3], max_new_tokens=4)  # a flat prompt, not a list of them
     with pytest.raises(ValueError, match="empty prompt"):
         generate(full_model, [[1, 2], []], max_new_tokens=4)
     with pytest.raises(ValueError, match=r"exceeds the model's context max_seq_len=128"):
