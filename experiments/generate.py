@@ -62,6 +62,7 @@ def load(args):
     from jaxlm.paths import as_path, local_copy
     from jaxlm.tokenizer import Tokenizer
 
+    print(f"loading {args.checkpoint}…", file=sys.stderr, flush=True)
     model = load_model(args.checkpoint)
     tok_path = as_path(args.tokenizer or as_path(args.checkpoint) / "tokenizer.model")
     if not tok_path.is_file():
@@ -101,7 +102,11 @@ def run(args) -> int:
         top_k=args.top_k or 0, vocab_limit=tok.vocab_size if tok else None)
     eos = tok.eos_id if tok else None
 
+    notice = ["compiling and generating…"]  # the first call compiles for a while: say so, once
+
     def complete(ids):
+        if notice:
+            print(notice.pop(), file=sys.stderr, flush=True)
         start = time.perf_counter()
         out = generate(model, [ids], max_new_tokens=args.max_new_tokens, sampling=sampling,
                        seed=args.seed, eos_id=eos, prefill_chunk=args.prefill_chunk)

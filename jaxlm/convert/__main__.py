@@ -66,7 +66,9 @@ def import_hf(src: str, dst: str, param_dtype: str | None = None, overwrite: boo
                                       f"{FORMAT!r} and params/)")
     overrides = {"param_dtype": param_dtype} if param_dtype else {}
     start = time.perf_counter()
-    model = hf.load(src, **overrides)
+    print(f"reading {src}", file=sys.stderr, flush=True)
+    model = hf.load(src, progress=True, **overrides)
+    print(f"writing {dst_path}", file=sys.stderr, flush=True)
     with staged_directory(dst_path, "import") as tmp:
         save_model(tmp, model)
         if (Path(src) / "tokenizer.model").is_file():  # Meta / HF Llama dirs ship the SentencePiece model

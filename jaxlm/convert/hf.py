@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -134,16 +135,22 @@ class SafetensorsReader:
         return self._handle(name).get_tensor(name)
 
 
-def load_params(path: str | Path, cfg: ModelConfig, abstract: nnx.State) -> dict:
+def load_params(path: str | Path, cfg: ModelConfig, abstract: nnx.State, *,
+                progress: bool = False) -> dict:
     """Read every parameter of `cfg` from `path` into a pure dict matching `abstract` (host arrays).
 
-    Stacked parameters are assembled one layer tensor at a time; peak host memory is the largest
-    stacked parameter, not the checkpoint.
+    Stacked parameters are assembled one layer tensor at a time, but every converted parameter
+    stays in the dict: peak host memory is about the whole model plus one stacked parameter's
+    slices. progress: one line per parameter on stderr (a 7B import takes minutes).
     """
     reader = SafetensorsReader(path)
     pure = nnx.to_pure_dict(abstract)
     used: set[str] = set()
-    for rule in rules_for(cfg):
+    rules = rules_for(cfg)
+    for k, rule in enumerate(rules):
+        if progress:
+            print(f"  reading {'.'.join(rule.ours)} ({k + 1}/{len(rules)})", file=sys.stderr,
+                  flush=True)
         node = pure
         for key in rule.ours[:-1]:
             node = node[key]
@@ -178,15 +185,17 @@ def _assemble(tensors: dict[tuple[int, ...], jax.Array], stacked: tuple[int, ...
                       for n in range(stacked[0])])
 
 
-def load(path: str | Path, *, mesh: jax.sharding.Mesh | None = None, **overrides) -> Transformer:
+def load(path: str | Path, *, mesh: jax.sharding.Mesh | None = None, progress: bool = False,
+         **overrides) -> Transformer:
     """An nnx Transformer with the weights of the HF directory `path`.
 
     overrides: ModelConfig fields to change (e.g. dtype="bfloat16", remat="full").
     With `mesh`, each parameter is placed in its sharding from jaxlm.sharding.RULES.
+    progress: a line per parameter read, on stderr.
     """
     cfg = config_from_hf(read_hf_config(path), source=str(Path(path) / "config.json"), **overrides)
     graphdef, abstract = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
-    pure = load_params(path, cfg, abstract)
+    pure = load_params(path, cfg, abstract, progress=progress)
     nnx.replace_by_pure_dict(abstract, pure)
     if mesh is not None:
         abstract = jax.device_put(abstract, state_shardings(abstract, mesh))

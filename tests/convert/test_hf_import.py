@@ -186,3 +186,10 @@ def test_config_missing_a_field_and_truncated_index_are_named(broken_copy, make_
     index.write_text(index.read_text()[:50])  # an interrupted download
     with pytest.raises(ValueError, match=r"model.safetensors.index.json: not a safetensors index"):
         hf.load(sharded)
+
+
+def test_import_reports_progress_per_parameter(make_hf_model, tmp_path, capsys):
+    _, path = make_hf_model("llama")
+    import_hf(str(path), str(tmp_path / "ckpt"))
+    err = capsys.readouterr().err
+    assert "reading layers.attn.q (" in err and "reading lm_head (" in err

@@ -134,3 +134,12 @@ def test_wrong_directories_as_checkpoint_say_what_to_pass(constant_checkpoint, g
     assert generate_cli.main(["--checkpoint", str(hf_dir), "--prompt_ids", "1"]) == 2
     err = capsys.readouterr().err
     assert "python -m jaxlm.convert import-hf" in err.splitlines()[-1]
+
+
+def test_progress_goes_to_stderr(constant_checkpoint, generate_cli, capsys):
+    ckpt = str(constant_checkpoint(5))
+    assert generate_cli.main(["--checkpoint", ckpt, "--prompt_ids", "1", "--max_new_tokens", "1",
+                              "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert f"loading {ckpt}…" in err and "compiling and generating…" in err
+    json.loads(out)  # stdout is the JSON object alone
