@@ -2,7 +2,7 @@
 
     python experiments/generate.py --checkpoint ckpt/ --prompt "The capital of France is"
     python experiments/generate.py --checkpoint ckpt/ --chat --system "Answer briefly."
-    python experiments/generate.py --checkpoint ckpt/ --prompt_ids 1,2,3 --max_new_tokens 8 \
+    python experiments/generate.py --checkpoint ckpt/ --prompt_ids 1,2,3 --max_new_tokens 8 \\
         --temperature 0 --json          # prints {"ids": [...]}: the generated ids only
 
 The tokenizer is DIR/tokenizer.model unless --tokenizer is given. --prompt_ids works without one,
@@ -31,13 +31,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     mode.add_argument("--chat", action="store_true", help="multi-turn Llama-2 chat in the terminal")
     p.add_argument("--system", default=None, help="system message for --chat")
     p.add_argument("--tokenizer", default=None, help="SentencePiece model (default: CHECKPOINT/tokenizer.model)")
-    p.add_argument("--max_new_tokens", type=int, default=128, help="tokens to generate at most")
+    p.add_argument("--max_new_tokens", type=int, default=128,
+                   help="tokens to generate at most (default 128)")
     p.add_argument("--temperature", type=float, default=None,
                    help="0 = greedy (default for --prompt/--prompt_ids; 0.6 for --chat, Llama-2)")
     p.add_argument("--top_p", type=float, default=None, help="nucleus mass (default 1.0; 0.9 for --chat)")
     p.add_argument("--top_k", type=int, default=None, help="keep the k most likely tokens (default 0 = off)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (same seed, same output)")
-    p.add_argument("--prefill_chunk", type=int, default=None, help="prompt tokens per prefill step")
+    p.add_argument("--prefill_chunk", type=int, default=None,
+                   help="prompt tokens per prefill step (default: the sliding window W if the "
+                        "prompt is longer, else the whole prompt)")
     p.add_argument("--json", action="store_true", help='print one JSON object {"ids": [...], ...}')
     return p.parse_args(argv)
 

@@ -143,3 +143,11 @@ def test_progress_goes_to_stderr(constant_checkpoint, generate_cli, capsys):
     out, err = capsys.readouterr()
     assert f"loading {ckpt}…" in err and "compiling and generating…" in err
     json.loads(out)  # stdout is the JSON object alone
+
+
+def test_help_shows_the_examples_as_written_and_the_defaults(generate_cli, capsys):
+    with pytest.raises(SystemExit):
+        generate_cli.parse_args(["--help"])
+    text = capsys.readouterr().out
+    assert "--max_new_tokens 8 \\\n        --temperature 0 --json" in text  # a shell continuation
+    assert "(default 128)" in text and "(default: the sliding window W" in " ".join(text.split())
