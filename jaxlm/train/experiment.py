@@ -46,12 +46,25 @@ class TrainConfig:
 
     def __post_init__(self):
         for name in ("steps", "seq_len", "global_batch_tokens", "micro_batch_per_device",
-                     "log_every", "eval_every", "max_bad_steps"):
+                     "log_every", "eval_every", "eval_batches", "max_bad_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"config.train.{name} must be >= 1, got {getattr(self, name)}")
         if self.z_loss < 0:
             raise ValueError(f"config.train.z_loss must be >= 0, got {self.z_loss}")
         object.__setattr__(self, "inject_nan_at", tuple(int(s) for s in self.inject_nan_at))
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+    every_steps: int = 100
+    keep: int = 3           # orbax max_to_keep: the newest `keep` checkpoints stay
+    async_save: bool = True
+
+    def __post_init__(self):
+        for name in ("every_steps", "keep"):  # every 0 steps divides by zero; keep 0 keeps none
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"config.checkpoint.{name} must be an integer >= 1, got "
+                                 f"{getattr(self, name)!r}")
 
 
 def maybe_initialize_distributed() -> bool:
@@ -113,7 +126,7 @@ class Experiment:
     train: TrainConfig
     data: DataConfig
     eval_split: str
-    ckpt: dict
+    ckpt: CheckpointConfig
     resolved: dict
     tokenizer: Any
     tokenizer_path: epath.Path | None
@@ -155,6 +168,12 @@ def resolve(config, workdir: epath.Path) -> Experiment:
     """Validate the whole experiment before anything compiles; errors name the config field."""
     c = config.to_dict() if hasattr(config, "to_dict") else dict(config)
     train = TrainConfig(**c["train"])
+    ckpt = CheckpointConfig(**c["checkpoint"])
+    try:
+        optim = OptimConfig(total_steps=train.steps, **c["optim"])
+    except ValueError as e:  # OptimConfig is shared with SFT / RLHF: name this config's fields
+        raise ValueError(str(e).replace("OptimConfig.", "config.optim.").replace(
+            "total_steps", "config.train.steps")) from None
     tokenizer, tok_path = _tokenizer(c, workdir, train.seed)
     # None = keep the preset's value (the config declares every field so the CLI can set it).
     overrides = {k: v for k, v in (c["model"].get("overrides") or {}).items() if v is not None}
@@ -175,14 +194,13 @@ def resolve(config, workdir: epath.Path) -> Experiment:
                       text_field=d["text_field"], seq_len=train.seq_len,
                       batch_size=plan.per_host_batch, seed=d["seed"],
                       worker_count=d["worker_count"], synthetic_vocab=model.vocab_size)
-    optim = OptimConfig(total_steps=train.steps, **c["optim"])
     resolved = {**c, "model_config": model.to_dict(),
                 "batch_plan": dataclasses.asdict(plan), "devices": jax.device_count(),
                 "processes": jax.process_count(), "mesh_shape": dict(mesh.shape),
                 "params": model.param_count()}
     return Experiment(model=model, model_class=_model_class(model), mesh=mesh, plan=plan,
                       optim=optim, train=train, data=data, eval_split=d["eval_split"],
-                      ckpt=dict(c["checkpoint"]), resolved=resolved, tokenizer=tokenizer,
+                      ckpt=ckpt, resolved=resolved, tokenizer=tokenizer,
                       tokenizer_path=tok_path)
 
 

@@ -49,11 +49,26 @@ class OptimConfig:
             raise ValueError(f"OptimConfig.peak_lr must be > 0, got {self.peak_lr}")
         if self.warmup_fraction is not None and not 0 <= self.warmup_fraction < 1:
             raise ValueError(f"OptimConfig.warmup_fraction must be in [0, 1), got {self.warmup_fraction}")
-        if self.warmup > self.total_steps:
-            raise ValueError(f"OptimConfig: warmup ({self.warmup} steps) is longer than total_steps "
-                             f"({self.total_steps}); lower warmup_steps or raise total_steps")
+        for name in ("warmup_steps", "min_warmup_steps"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"OptimConfig.{name} must be >= 0, got {getattr(self, name)}")
+        # The cosine needs at least one step after warmup (optax: "positive decay_steps").
+        if self.warmup > self.total_steps or (
+                self.schedule is Schedule.COSINE and self.warmup >= self.total_steps):
+            raise ValueError(
+                f"OptimConfig.warmup_steps: warmup ({self.warmup} steps) must be shorter than "
+                f"total_steps ({self.total_steps}), leaving steps for the {self.schedule.value} "
+                "schedule; lower warmup_steps or raise total_steps")
         if not 0 <= self.final_lr_fraction <= 1:
             raise ValueError(f"OptimConfig.final_lr_fraction must be in [0, 1], got {self.final_lr_fraction}")
+        for name in ("b1", "b2"):  # Adam's moment decays: 1 would never forget, >1 diverges
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"OptimConfig.{name} must be in [0, 1), got {getattr(self, name)}")
+        if not self.eps > 0:
+            raise ValueError(f"OptimConfig.eps must be > 0 (it keeps Adam's division finite), "
+                             f"got {self.eps}")
+        if self.weight_decay < 0:
+            raise ValueError(f"OptimConfig.weight_decay must be >= 0, got {self.weight_decay}")
         if self.clip_norm <= 0:
             raise ValueError(f"OptimConfig.clip_norm must be > 0, got {self.clip_norm}")
 

@@ -87,8 +87,8 @@ def _train(config, workdir: epath.Path, preempt: _Preemption) -> dict[str, Any]:
     step_fn = jit_train_step(graphdef, tx, state_sharding, batch_sharding,
                              accum_steps=plan.grad_accum_steps, z_loss=exp.train.z_loss)
 
-    ckpts = Checkpoints(workdir / "checkpoints", keep=exp.ckpt["keep"],
-                        async_save=exp.ckpt["async_save"])
+    ckpts = Checkpoints(workdir / "checkpoints", keep=exp.ckpt.keep,
+                        async_save=exp.ckpt.async_save)
     data = exp.make_iterator(split=exp.data.split)
     restored = ckpts.restore_latest(abstract_like(state), exp.resolved)
     if restored is not None:
@@ -163,7 +163,7 @@ def _loop(exp: Experiment, state, step_fn, data, ckpts: Checkpoints, writer: Met
 
     t = exp.train
     start = int(jax.device_get(state.step))
-    every = exp.ckpt["every_steps"]
+    every = exp.ckpt.every_steps
     eval_fn = _make_eval(graphdef, batch_sharding)
     bar = tqdm(total=t.steps, initial=start, desc="train", unit="step", dynamic_ncols=True,
                disable=jax.process_index() != 0, file=sys.stderr)

@@ -46,10 +46,21 @@ def test_other_recipes():
     (dict(total_steps=10, warmup_steps=20), "warmup"),
     (dict(total_steps=10, warmup_steps=0, clip_norm=0), "clip_norm"),
     (dict(total_steps=10, warmup_steps=0, final_lr_fraction=2), "final_lr_fraction"),
+    (dict(total_steps=10, warmup_steps=10), r"warmup_steps: warmup \(10 steps\) must be shorter"),
+    (dict(total_steps=10, warmup_steps=-1), "warmup_steps must be >= 0"),
+    (dict(total_steps=10, warmup_steps=0, b1=1.0), r"b1 must be in \[0, 1\)"),
+    (dict(total_steps=10, warmup_steps=0, b2=-0.1), r"b2 must be in \[0, 1\)"),
+    (dict(total_steps=10, warmup_steps=0, eps=0.0), "eps must be > 0"),
+    (dict(total_steps=10, warmup_steps=0, weight_decay=-0.1), "weight_decay must be >= 0"),
 ])
 def test_invalid_optim_config(kwargs, msg):
     with pytest.raises(ValueError, match=msg):
         OptimConfig(**kwargs)
+
+
+def test_warmup_as_long_as_a_constant_schedule_is_allowed():
+    lr = learning_rate(OptimConfig(total_steps=10, warmup_steps=10, schedule="constant"))
+    assert float(lr(10)) == pytest.approx(3e-4)
 
 
 def test_weight_decay_skips_only_norm_scales():

@@ -81,3 +81,25 @@ def test_micro_batch_rows_land_on_each_device_with_tensor_parallelism(tmp_path):
     micro = jax.jit(lambda a: a.reshape(-1, plan.grad_accum_steps, 32).swapaxes(0, 1)[0])(batch)
     assert {s.data.shape[0] for s in micro.addressable_shards} == {c.train.micro_batch_per_device}
     assert len(micro.addressable_shards) == 8
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("checkpoint.every_steps", 0, "config.checkpoint.every_steps must be an integer >= 1"),
+    ("checkpoint.keep", 0, "config.checkpoint.keep must be an integer >= 1"),
+    ("optim.warmup_steps", 20, r"config.optim.warmup_steps: warmup \(20 steps\) must be shorter "
+                               r"than config.train.steps \(20\)"),
+    ("optim.warmup_steps", -1, "config.optim.warmup_steps must be >= 0"),
+    ("optim.b1", 1.0, r"config.optim.b1 must be in \[0, 1\)"),
+    ("optim.b2", 1.5, r"config.optim.b2 must be in \[0, 1\)"),
+    ("optim.eps", 0.0, "config.optim.eps must be > 0"),
+    ("optim.weight_decay", -0.1, "config.optim.weight_decay must be >= 0"),
+    ("train.eval_batches", 0, "config.train.eval_batches must be >= 1"),
+])
+def test_bad_values_are_one_error_naming_the_field(tmp_path, field, value, message):
+    from jaxlm.train.experiment import resolve
+
+    c = configs().get_config("test")  # 20 steps
+    group, name = field.split(".")
+    c[group][name] = value
+    with pytest.raises(ValueError, match=message):
+        resolve(c, tmp_path)
