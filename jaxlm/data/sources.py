@@ -124,3 +124,12 @@ def text_dataset(source: str, data_dir: str | None, split: str,
         spec = documents.STDLIB if source == documents.STDLIB else source[len("local:"):]
         name, field = tfds_text.build_local_text(spec, data_dir, read).name, "text"
     return grain.MapDataset.source(open_tfds(name, data_dir, split)), name, field
+
+
+def first_text(source: str, data_dir: str | None, split: str,
+               read: documents.ReadOptions = documents.ReadOptions()) -> str:
+    """The text of the split's first example: opens the split and reads its text field, so an
+    unknown split (ValueError) or text_field (KeyError) is found before a run compiles rather
+    than at its first batch or evaluation."""
+    ds, _, field = text_dataset(source, data_dir, split, read)
+    return text_field_of(ds[0], field)

@@ -194,6 +194,8 @@ def resolve(config, workdir: epath.Path) -> Experiment:
                       text_field=d["text_field"], seq_len=train.seq_len,
                       batch_size=plan.per_host_batch, seed=d["seed"],
                       worker_count=d["worker_count"], synthetic_vocab=model.vocab_size)
+    if data.source != "synthetic":
+        _check_splits(data, d["eval_split"])
     resolved = {**c, "model_config": model.to_dict(),
                 "batch_plan": dataclasses.asdict(plan), "devices": jax.device_count(),
                 "processes": jax.process_count(), "mesh_shape": dict(mesh.shape),
@@ -202,6 +204,20 @@ def resolve(config, workdir: epath.Path) -> Experiment:
                       optim=optim, train=train, data=data, eval_split=d["eval_split"],
                       ckpt=ckpt, resolved=resolved, tokenizer=tokenizer,
                       tokenizer_path=tok_path)
+
+
+def _check_splits(data: DataConfig, eval_split: str) -> None:
+    """Read the first example of the train and eval splits now: a wrong split name or text_field
+    would otherwise surface at the first batch, or at the first evaluation hours in."""
+    from jaxlm.data.sources import first_text
+
+    for key, split in (("split", data.split), ("eval_split", eval_split)):
+        try:
+            first_text(data.source, data.data_dir, split, data.read_options())
+        except KeyError as e:  # the field: message from sources.text_field_of
+            raise ValueError(f"config.data.text_field={data.text_field!r}: {e.args[0]}") from None
+        except ValueError as e:
+            raise ValueError(f"config.data.{key}={split!r}: {e}") from None
 
 
 def _model_class(cfg: ModelConfig) -> type:

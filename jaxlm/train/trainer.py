@@ -196,14 +196,16 @@ def _loop(exp: Experiment, state, step_fn, data, ckpts: Checkpoints, writer: Met
             now = time.perf_counter()
             pending = (step, metrics, now - last_time)
             last_time = now
-            if step % t.eval_every == 0 or step == t.steps:
+            # Save before evaluating: an evaluation that fails must not cost the steps since
+            # the last save. A preempted VM has seconds left: save and go, no evaluation.
+            if step % every == 0 or step == t.steps or preempt.requested:
+                ckpts.save(step, state, data.get_state(), exp.resolved, force=True)
+            if (step % t.eval_every == 0 or step == t.steps) and not preempt.requested:
                 eval_loss = _evaluate(exp, eval_fn, state, batch_sharding)
                 writer.write(step, {"eval_loss": eval_loss,
                                     "eval_perplexity": math.exp(min(eval_loss, 50))})
                 result["eval_loss"] = eval_loss
                 last_time = time.perf_counter()  # eval time is not step time
-            if step % every == 0 or step == t.steps or preempt.requested:
-                ckpts.save(step, state, data.get_state(), exp.resolved, force=True)
             if preempt.requested:
                 log.warning("SIGTERM: saved checkpoint %d, exiting", step)
                 result["preempted"] = True

@@ -123,3 +123,31 @@ def test_open_tfds_errors_name_the_fix(tmp_path, stdlib_tfds):
         sources.open_tfds("lm1b", str(tmp_path), "train")
     with pytest.raises(ValueError, match="Unknown split"):
         sources.open_tfds(stdlib_tfds.name, stdlib_tfds.data_dir, "test")
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("eval_split", "valid", r"config.data.eval_split='valid': TFDS dataset 'local_text/"),
+    ("split", "tran", r"config.data.split='tran'"),
+    ("text_field", "content", r"config.data.text_field='content': examples have no field "
+                              r"'content'; their fields are \['key', 'text'\]"),
+])
+def test_tfds_split_and_text_field_checked_before_training(
+        stdlib_tfds, spm_tokenizer, tmp_path, key, value, message):
+    """A wrong split or text_field of a tfds: source is one ValueError from resolve(), not a
+    KeyError traceback at the first batch or the first evaluation."""
+    import importlib.util
+    from pathlib import Path
+
+    from jaxlm.train.experiment import resolve
+
+    path = Path(__file__).resolve().parents[2] / "experiments" / "configs" / "pretrain.py"
+    spec = importlib.util.spec_from_file_location("pretrain_cfg", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    c = module.get_config("test")
+    c.data.update(source=f"tfds:{stdlib_tfds.name}", data_dir=stdlib_tfds.data_dir)
+    c.tokenizer.path = str(spm_tokenizer.path)
+    resolve(c, tmp_path)  # the defaults (train, validation, text) are fine
+    c.data[key] = value
+    with pytest.raises(ValueError, match=message):
+        resolve(c, tmp_path)

@@ -209,3 +209,24 @@ def test_moe_training_logs_aux_losses_and_expert_load(tmp_path):
     for r in logged:
         assert r["aux/aux_loss"] > 0 and r["aux/load_balance"] >= 0.99  # 1.0 when balanced
         assert 0 <= r["aux/expert_load_min"] <= r["aux/expert_load_max"] <= 1
+
+
+def test_checkpoint_is_saved_before_an_evaluation_that_fails(tmp_path, monkeypatch):
+    import importlib.util
+
+    from jaxlm.train import trainer
+
+    spec = importlib.util.spec_from_file_location("pretrain_cfg", CONFIG.split(":")[0])
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config("test")
+    config.train.update(steps=3, eval_every=3)
+    config.checkpoint.update(every_steps=3, async_save=False)
+
+    def broken_eval(*args, **kwargs):
+        raise RuntimeError("eval data went away")
+
+    monkeypatch.setattr(trainer, "_evaluate", broken_eval)
+    with pytest.raises(RuntimeError, match="eval data went away"):
+        trainer.train(config, tmp_path)
+    assert checkpoint_steps(tmp_path) == [3]  # the 3 steps are not lost
