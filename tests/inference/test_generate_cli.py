@@ -128,7 +128,8 @@ def test_wrong_directories_as_checkpoint_say_what_to_pass(constant_checkpoint, g
     (workdir / "config.json").write_text(json.dumps({"model": {"preset": "test"}}))
     assert generate_cli.main(["--checkpoint", str(workdir), "--prompt_ids", "1"]) == 2
     err = capsys.readouterr().err
-    assert f"--checkpoint {workdir / 'model'}" in err and len(err.strip().splitlines()) == 1
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and f"--checkpoint {workdir / 'model'}" in errors[0]
     # A Hugging Face directory.
     _, hf_dir = make_hf_model("llama")
     assert generate_cli.main(["--checkpoint", str(hf_dir), "--prompt_ids", "1"]) == 2
