@@ -28,18 +28,23 @@ def init_state(params, tx: optax.GradientTransformation) -> TrainState:
 
 
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, *,
-                    accum_steps: int = 1, z_loss: float = 0.0) -> Callable:
+                    accum_steps: int = 1, z_loss: float = 0.0, seed: int = 0) -> Callable:
     """Build train_step(state, batch) -> (state, metrics).
 
     The batch's rows are split into `accum_steps` micro-batches, scanned in order; gradients of the
     summed token losses are added and divided once by the total token count, so k micro-batches
     give the same update as one batch k times larger. A step whose loss or gradient norm is not
     finite leaves params and optimizer state unchanged and is counted.
+
+    Randomness (MoE router jitter) comes from key(seed) folded with state.step and the
+    micro-batch index: a function of the step, so a resumed run draws what an uninterrupted run
+    would have, and each micro-batch its own.
     """
 
-    def loss_fn(params, micro: Batch):
+    def loss_fn(params, micro: Batch, rng: jax.Array):
         model = nnx.merge(graphdef, params)
-        logits, aux = model.with_aux(micro["inputs"], micro["positions"], micro["segment_ids"])
+        logits, aux = model.with_aux(micro["inputs"], micro["positions"], micro["segment_ids"],
+                                     rng=rng)
         sums = token_losses(logits, micro["targets"], micro["loss_mask"], z_loss)
         # Auxiliary terms (MoE) are per-micro-batch means: weight them by the micro-batch's
         # tokens so that, after the final division, they are a token-weighted mean as well.
@@ -55,15 +60,20 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, *,
         micro = jax.tree.map(
             lambda a: a.reshape(-1, accum_steps, *a.shape[1:]).swapaxes(0, 1), batch)
 
-        def accumulate(carry, mb):
+        step_key = jax.random.fold_in(jax.random.key(seed), state.step)
+
+        def accumulate(carry, xs):
             grads, sums = carry
-            g, s = grad_fn(state.params, mb)
+            mb, i = xs
+            g, s = grad_fn(state.params, mb, jax.random.fold_in(step_key, i))
             return (jax.tree.map(jnp.add, grads, g), jax.tree.map(jnp.add, sums, s)), None
 
         zeros = jax.tree.map(jnp.zeros_like, state.params)
-        sums_shape = jax.eval_shape(lambda: grad_fn(state.params, jax.tree.map(lambda a: a[0], micro))[1])
+        sums_shape = jax.eval_shape(lambda: grad_fn(
+            state.params, jax.tree.map(lambda a: a[0], micro), step_key)[1])
         zero_sums = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), sums_shape)
-        (grads, sums), _ = jax.lax.scan(accumulate, (zeros, zero_sums), micro)
+        (grads, sums), _ = jax.lax.scan(accumulate, (zeros, zero_sums),
+                                        (micro, jnp.arange(accum_steps)))
         tokens = jnp.maximum(sums["tokens"], 1.0)
         grads = jax.tree.map(lambda g: g / tokens, grads)
         loss = sums["ce_sum"] / tokens

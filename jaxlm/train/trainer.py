@@ -85,7 +85,8 @@ def _train(config, workdir: epath.Path, preempt: _Preemption) -> dict[str, Any]:
     rows, seq = plan.per_host_batch * jax.process_count(), exp.data.seq_len
     batch_sharding = batch_sharding_for(mesh, rows, seq)
     step_fn = jit_train_step(graphdef, tx, state_sharding, batch_sharding,
-                             accum_steps=plan.grad_accum_steps, z_loss=exp.train.z_loss)
+                             accum_steps=plan.grad_accum_steps, z_loss=exp.train.z_loss,
+                             seed=exp.train.seed)
 
     ckpts = Checkpoints(workdir / "checkpoints", keep=exp.ckpt.keep,
                         async_save=exp.ckpt.async_save)
@@ -138,12 +139,13 @@ def batch_sharding_for(mesh, rows: int, seq: int) -> NamedSharding:
 
 
 def jit_train_step(graphdef, tx, state_sharding, batch_sharding, *, accum_steps: int,
-                   z_loss: float):
+                   z_loss: float, seed: int = 0):
     """The train step exactly as the trainer runs it: explicit in/out shardings, state donated.
 
     Shared with `jaxlm.train.aot`, which lowers and compiles it against abstract inputs.
     """
-    return jax.jit(make_train_step(graphdef, tx, accum_steps=accum_steps, z_loss=z_loss),
+    return jax.jit(make_train_step(graphdef, tx, accum_steps=accum_steps, z_loss=z_loss,
+                                   seed=seed),
                    in_shardings=(state_sharding, batch_sharding),
                    out_shardings=(state_sharding, None), donate_argnums=0)
 
