@@ -112,13 +112,14 @@ def get_config(preset: str = "tiny") -> ConfigDict:
                        micro_batch_per_device=1, log_every=10, eval_every=1000, eval_batches=32)
         c.optim.update(peak_lr=1.5e-4 if preset == "llama2_70b" else 3e-4, warmup_steps=2000)
         c.checkpoint.update(every_steps=1000, keep=3)
-        # Mesh: FSDP across the slice. For 70B, pure FSDP with full remat fits v5p-128 at 51 GiB
-        # per chip, while fsdp=8 x tensor=8 needs 151 GB: the batch splits only over
-        # data x fsdp x expert, so tensor=8 puts 8 rows on each chip (docs/tpu_scaling.md,
-        # checked with experiments/aot_check.py against the TPU compiler).
+        # Mesh: FSDP across the slice. For 70B, pure FSDP with full remat fits v5p-128 at 52 GiB
+        # per chip (docs/tpu_scaling.md, checked with experiments/aot_check.py against the TPU
+        # compiler); fsdp=8 x tensor=8 needed 151 GB when the batch planner still put tensor x
+        # micro_batch_per_device rows on each chip, and has not been re-measured since.
         if preset == "llama2_70b":
             c.mesh.update(fsdp=-1, tensor=1)
             c.model.overrides.remat = "full"
     else:
-        raise ValueError(f"unknown pretrain preset {preset!r}: tiny, test, llama2_7b, llama2_70b, mistral_7b")
+        raise ValueError(f"unknown pretrain preset {preset!r}: tiny, tiny_moe, test, test_moe, "
+                         "llama2_7b, llama2_70b, mistral_7b")
     return c

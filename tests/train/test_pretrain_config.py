@@ -103,3 +103,9 @@ def test_bad_values_are_one_error_naming_the_field(tmp_path, field, value, messa
     c[group][name] = value
     with pytest.raises(ValueError, match=message):
         resolve(c, tmp_path)
+
+
+def test_unknown_preset_error_lists_every_preset():
+    with pytest.raises(ValueError, match="unknown pretrain preset 'llama3'") as e:
+        configs().get_config("llama3")
+    assert all(p in str(e.value) for p in PRESETS)
