@@ -109,8 +109,9 @@ def _train(config, workdir: epath.Path, preempt: _Preemption) -> dict[str, Any]:
         writer.close()
         data.close()
     summary["peak_flops_source"] = peak_source
-    if main and summary.get("completed"):
-        _finish(exp, workdir, summary)
+    if summary.get("completed"):
+        _finish(exp, workdir, summary)  # on every process: the parameters are sharded across hosts
+    summary.pop("final_state", None)
     return summary
 
 
@@ -277,15 +278,28 @@ def _evaluate(exp: Experiment, eval_fn, state, batch_sharding) -> float:
 
 
 def _finish(exp: Experiment, workdir: epath.Path, summary: dict) -> None:
-    """Model directory for generate.py / export, the loss plot, and a sample."""
+    """Model directory for generate.py / export (every process), then on process 0 the loss
+    plot and a sample."""
     from jaxlm.checkpoint import save_model
 
     state = summary.pop("final_state")
-    model = nnx.merge(exp.graphdef_for_export(), jax.device_get(state.params))
+    main = jax.process_index() == 0
+    if jax.process_count() == 1:
+        # One host holds every shard: save a host copy, which loads on any number of devices
+        # (load_model without a mesh restores a sharded save only onto the same devices).
+        params = jax.device_get(state.params)
+    else:
+        # On a pod the arrays span hosts: a device_get fails there (and would pull the whole
+        # model onto one host). Every process saves its own shards; orbax joins them.
+        params = state.params
+    model = nnx.merge(exp.graphdef_for_export(), params)
     model_dir = workdir / "model"
-    if model_dir.exists():
+    if main and model_dir.exists():
         model_dir.rmtree()
+    _sync_processes("jaxlm_model_dir_cleared")  # no host writes before the old one is gone
     save_model(model_dir, model)
+    if not main:
+        return
     if exp.tokenizer_path is not None:
         as_path(exp.tokenizer_path).copy(model_dir / "tokenizer.model", overwrite=True)
     summary["model_dir"] = str(model_dir)
@@ -295,6 +309,9 @@ def _finish(exp: Experiment, workdir: epath.Path, summary: dict) -> None:
                                          reference=entropy, reference_label="unigram entropy"))
     summary["tensorboard"] = str(workdir / "tensorboard")
     if exp.tokenizer is not None and exp.train.sample_prompt:
+        if jax.process_count() > 1:  # generating is a computation every host would have to join
+            log.info("no sample on a multi-host run: use experiments/generate.py on %s", model_dir)
+            return
         from jaxlm.inference.generate import generate
         from jaxlm.inference.sampling import SamplingConfig
 
@@ -302,3 +319,10 @@ def _finish(exp: Experiment, workdir: epath.Path, summary: dict) -> None:
         out = generate(model, [ids], max_new_tokens=exp.train.sample_tokens, eos_id=exp.tokenizer.eos_id,
                        sampling=SamplingConfig(vocab_limit=exp.tokenizer.vocab_size))
         summary["sample"] = exp.train.sample_prompt + exp.tokenizer.decode(out.tokens[0])
+
+
+def _sync_processes(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)

@@ -230,3 +230,43 @@ def test_checkpoint_is_saved_before_an_evaluation_that_fails(tmp_path, monkeypat
     with pytest.raises(RuntimeError, match="eval data went away"):
         trainer.train(config, tmp_path)
     assert checkpoint_steps(tmp_path) == [3]  # the 3 steps are not lost
+
+
+@pytest.mark.parametrize("process", [0, 1])
+def test_every_process_of_a_pod_saves_its_shards_of_the_final_model(tmp_path, monkeypatch, process):
+    """On a multi-host pod the final parameters span hosts: every process calls save_model with
+    the sharded arrays (it was process 0 alone, after a jax.device_get that fails on a pod);
+    only process 0 plots and samples."""
+    import importlib.util
+
+    import jaxlm.checkpoint
+    from flax import nnx
+
+    from jaxlm.sharding import init_sharded
+    from jaxlm.train import trainer
+    from jaxlm.train.experiment import resolve
+    from jaxlm.train.step import TrainState
+
+    spec = importlib.util.spec_from_file_location("pretrain_cfg", CONFIG.split(":")[0])
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    exp = resolve(module.get_config("test"), tmp_path)
+    model = init_sharded(lambda: exp.model_class(exp.model, rngs=nnx.Rngs(0)), exp.mesh)
+    params = nnx.to_pure_dict(nnx.state(model))
+    saved, synced = [], []
+    monkeypatch.setattr(jaxlm.checkpoint, "save_model", lambda d, m: saved.append(m))
+    monkeypatch.setattr(trainer, "_sync_processes", synced.append)
+    monkeypatch.setattr(trainer, "plot_loss", lambda *a, **k: "loss.png")
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    monkeypatch.setattr(jax, "process_index", lambda: process)
+
+    def no_device_get(x):
+        raise AssertionError("jax.device_get on a pod's sharded parameters")
+
+    monkeypatch.setattr(jax, "device_get", no_device_get)
+    summary = {"final_state": TrainState(params, None, None, None, None)}
+    trainer._finish(exp, tmp_path, summary)
+    assert len(saved) == 1 and synced  # every process saves, after the old model dir is gone
+    leaves = jax.tree.leaves(nnx.state(saved[0]))
+    assert all(isinstance(a, jax.Array) and len(a.sharding.device_set) == 8 for a in leaves)
+    assert ("loss_plot" in summary) == (process == 0)
