@@ -164,8 +164,10 @@ class CheckpointMismatch(ValueError):
 
 # A bucket or network that is down is not a damaged checkpoint: the caller should retry, and the
 # checkpoint must not be skipped (tensorstore reports them as ValueError with a status name).
+# HTTP codes only next to a word saying so: a bare 503 could be a shape or a byte count.
 _STORAGE_ERROR = re.compile(r"UNAVAILABLE|DEADLINE_EXCEEDED|RESOURCE_EXHAUSTED|PERMISSION_DENIED|"
-                            r"UNAUTHENTICATED|\b(429|500|502|503|504)\b|[Tt]imed? ?out")
+                            r"UNAUTHENTICATED|(HTTP|[Ss]tatus|[Cc]ode)[ :=]*(429|50[0234])\b|"
+                            r"Service Unavailable|[Tt]imed? ?out")
 
 
 def _is_storage_error(e: BaseException) -> bool:

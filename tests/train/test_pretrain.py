@@ -270,3 +270,15 @@ def test_every_process_of_a_pod_saves_its_shards_of_the_final_model(tmp_path, mo
     leaves = jax.tree.leaves(nnx.state(saved[0]))
     assert all(isinstance(a, jax.Array) and len(a.sharding.device_set) == 8 for a in leaves)
     assert ("loss_plot" in summary) == (process == 0)
+
+
+@pytest.mark.parametrize("error, storage", [
+    (ValueError("GCS: HTTP 503 Service Unavailable"), True), (TimeoutError("read"), True),
+    (ValueError("DEADLINE_EXCEEDED: reading manifest"), True), (ConnectionResetError(), True),
+    (ValueError("Requested shape: (503, 64) is not compatible"), False),  # a number, not a code
+    (FileNotFoundError("state/_METADATA"), False),  # a missing file: the checkpoint is damaged
+])
+def test_storage_errors_are_told_from_damage(error, storage):
+    from jaxlm.train.checkpointing import _is_storage_error
+
+    assert _is_storage_error(error) == storage
