@@ -38,7 +38,8 @@ def _parser() -> argparse.ArgumentParser:
                      help="split model.safetensors into shards of at most this size, with an "
                           "index (e.g. 5GB, 500MB; default 5GB, as transformers)")
     exp.add_argument("--overwrite", action="store_true",
-                     help="replace DST if it exists and is not empty")
+                     help="replace DST if it already holds a Hugging Face model "
+                          "(config.json with architectures); anything else is refused")
     return p
 
 

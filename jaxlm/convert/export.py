@@ -95,6 +95,15 @@ def plan_shards(sizes: list[int], max_bytes: int) -> list[list[int]]:
     return shards
 
 
+def is_hf_model_directory(directory: str | Path) -> bool:
+    """True if `directory` holds a transformers model: a config.json naming its architectures."""
+    try:
+        meta = json.loads((Path(directory) / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(meta, dict) and bool(meta.get("architectures"))
+
+
 def export_hf(src: str | Path, dst: str | Path, *, dtype: str | None = None,
               overwrite: bool = False, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
               progress: bool = True) -> Path:
@@ -108,7 +117,8 @@ def export_hf(src: str | Path, dst: str | Path, *, dtype: str | None = None,
             raise ValueError(f"{flag} {path}: export-hf reads and writes local directories only; "
                              f"copy the model down first (gcloud storage cp -r SRC .) and the "
                              f"export up after (gcloud storage cp -r DST gs://...)")
-    check_destination(src, dst, overwrite=overwrite)
+    check_destination(src, dst, overwrite=overwrite, replaceable=is_hf_model_directory,
+                      kind="a Hugging Face model directory (config.json with architectures)")
     src, dst = Path(src), Path(dst)
     if dtype is not None and dtype not in _DTYPES:
         raise ValueError(f"dtype={dtype!r}: choose one of {_DTYPES}")

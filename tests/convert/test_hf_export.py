@@ -139,8 +139,15 @@ def test_existing_directory_needs_overwrite(ckpt, tmp_path):
     with pytest.raises(FileExistsError, match="pass --overwrite"):
         export_hf(ckpt, dst, progress=False)
     assert [p.name for p in dst.iterdir()] == ["keep.txt"]
+    # --overwrite replaces an earlier export, never a folder that is not a model.
+    with pytest.raises(FileExistsError, match="only replaces a Hugging Face model directory"):
+        export_hf(ckpt, dst, overwrite=True, progress=False)
+    assert [p.name for p in dst.iterdir()] == ["keep.txt"]
+    (dst / "keep.txt").unlink()
+    export_hf(ckpt, dst, progress=False)
+    (dst / "stale.txt").write_text("from the earlier export")
     export_hf(ckpt, dst, overwrite=True, progress=False)
-    assert (dst / "model.safetensors").is_file() and not (dst / "keep.txt").exists()
+    assert (dst / "model.safetensors").is_file() and not (dst / "stale.txt").exists()
 
 
 def test_moe_every_other_layer_cannot_be_mixtral(tmp_path):
