@@ -199,7 +199,7 @@ def run(argv=None) -> int:
                config={"mesh": config.mesh.to_dict(), "train": {
                    k: config.train[k] for k in ("seq_len", "global_batch_tokens",
                                                 "micro_batch_per_device")},
-                   "model_overrides": dict(config.model.overrides)})
+                   "model_overrides": config.model.overrides.to_dict()})  # set ones only
     if topo:
         per_dev = report.model_flops_per_step / report.devices
         out["peak_flops_per_chip"] = topo.peak_flops
