@@ -72,14 +72,22 @@ def read_model_config(directory: str | os.PathLike) -> ModelConfig:
 
 
 def load_model(directory: str | os.PathLike, *, mesh: jax.sharding.Mesh | None = None) -> Transformer:
-    """Restore a model saved by save_model, each parameter directly into its sharding on `mesh`."""
+    """Restore a model saved by save_model, each parameter directly into its sharding on `mesh`
+    (without a mesh: onto the first local device).
+
+    The target sharding is always explicit: without one orbax rebuilds the sharding it saved,
+    which only works on the same devices, so a model a pod saved shard by shard would not load
+    in generate.py or export-hf on one host."""
     directory = as_path(directory)
     cfg = read_model_config(directory)
     graphdef, abstract = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
     if mesh is not None:
         shardings = state_shardings(abstract, mesh)
-        abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                                abstract, shardings)
+    else:
+        one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        shardings = jax.tree.map(lambda _: one, abstract)
+    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                            abstract, shardings)
     target = nnx.to_pure_dict(nnx.state(nnx.merge(graphdef, abstract), nnx.Param))
     with ocp.StandardCheckpointer() as ckptr:
         check_saved_shapes(ckptr, directory, target)
