@@ -48,7 +48,7 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], *, max_new_to
     otherwise the whole prompt); attention memory in prefill grows with C·(C + cache size).
     """
     cfg = model.cfg
-    if any(not isinstance(p, (Sequence, np.ndarray)) or isinstance(p, str) for p in prompts):
+    if any(np.ndim(p) != 1 for p in prompts):  # lists, NumPy or jax arrays of ids; not ints
         raise ValueError(f"prompts is a list of prompts, each a list of token ids (e.g. [[1, 2, 3]] "
                          f"for one prompt); got {str(list(prompts))[:60]}")
     if not prompts or any(len(p) == 0 for p in prompts):

@@ -123,6 +123,14 @@ def test_eos_stops_each_row_independently(full_model):
     assert stopped.tokens[1] == (row1[:row1.index(eos)] if eos in row1 else row1)
 
 
+def test_prompts_may_be_arrays(full_model):
+    import jax.numpy as jnp
+
+    as_list = generate(full_model, [[5, 17, 99], [8, 1]], max_new_tokens=3).tokens
+    arrays = generate(full_model, [jnp.array([5, 17, 99]), np.array([8, 1])], max_new_tokens=3)
+    assert arrays.tokens == as_list
+
+
 def test_bad_generation_input(full_model):
     with pytest.raises(ValueError, match=r"each a list of token ids \(e.g. \[\[1, 2, 3\]\]"):
         generate(full_model, [1, 2, 3], max_new_tokens=4)  # a flat prompt, not a list of them
