@@ -284,15 +284,10 @@ def _finish(exp: Experiment, workdir: epath.Path, summary: dict) -> None:
 
     state = summary.pop("final_state")
     main = jax.process_index() == 0
-    if jax.process_count() == 1:
-        # One host holds every shard: save a host copy, which loads on any number of devices
-        # (load_model without a mesh restores a sharded save only onto the same devices).
-        params = jax.device_get(state.params)
-    else:
-        # On a pod the arrays span hosts: a device_get fails there (and would pull the whole
-        # model onto one host). Every process saves its own shards; orbax joins them.
-        params = state.params
-    model = nnx.merge(exp.graphdef_for_export(), params)
+    # Saved as sharded as it trained: on a pod the arrays span hosts, where a device_get fails
+    # (and would pull the whole model onto one host); every process writes its own shards and
+    # orbax joins them. load_model restores onto any devices (one, without a mesh).
+    model = nnx.merge(exp.graphdef_for_export(), state.params)
     model_dir = workdir / "model"
     if main and model_dir.exists():
         model_dir.rmtree()
