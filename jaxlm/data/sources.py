@@ -29,6 +29,10 @@ def default_data_dir() -> str:
     return os.path.expanduser(os.environ.get("JAXLM_DATA_DIR", DEFAULT_DATA_DIR))
 
 
+class SplitError(ValueError):
+    """The split asked for does not exist, or holds no examples (a config's split name to fix)."""
+
+
 def open_tfds(name: str, data_dir: str | None, split: str) -> Any:
     """The random-access data source of a prepared TFDS dataset split, with errors for people.
 
@@ -58,9 +62,9 @@ def open_tfds(name: str, data_dir: str | None, split: str) -> Any:
                          f"random access (grain) needs: rebuild it with "
                          f"--file_format=array_record") from None
     except (ValueError, KeyError) as e:  # unknown split
-        raise ValueError(f"TFDS dataset {name!r}: {e}") from None
+        raise SplitError(f"TFDS dataset {name!r}: {e}") from None
     if len(src) == 0:
-        raise ValueError(f"split {split!r} of TFDS dataset {name!r} in {where} has no examples")
+        raise SplitError(f"split {split!r} of TFDS dataset {name!r} in {where} has no examples")
     return src
 
 

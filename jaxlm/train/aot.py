@@ -33,6 +33,7 @@ from jaxlm.sharding import MeshConfig, make_mesh, state_partition_specs, state_s
 from jaxlm.train.metrics import train_flops_per_token
 from jaxlm.train.optim import OptimConfig, make_optimizer
 from jaxlm.train.step import init_state
+from jaxlm.train.experiment import preset_overrides
 from jaxlm.train.trainer import batch_sharding_for, jit_train_step, train_state_shardings
 
 GiB = 1024 ** 3
@@ -162,10 +163,7 @@ class AotReport:
 def model_config(config) -> ModelConfig:
     """The ModelConfig the trainer would build (vocab_size from the preset: no tokenizer here)."""
     c = config.to_dict() if hasattr(config, "to_dict") else dict(config)
-    overrides = dict(c["model"].get("overrides") or {})
-    seq = c["train"]["seq_len"]
-    overrides.setdefault("max_seq_len", max(seq, get_preset(c["model"]["preset"]).max_seq_len))
-    return get_preset(c["model"]["preset"], **overrides)
+    return get_preset(c["model"]["preset"], **preset_overrides(c, c["train"]["seq_len"]))
 
 
 def abstract_inputs(config, mesh, num_processes: int = 1):

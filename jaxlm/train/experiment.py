@@ -164,6 +164,14 @@ class Experiment:
         return float(-(p * np.log(p)).sum())
 
 
+def preset_overrides(c: dict, seq_len: int) -> dict:
+    """The ModelConfig fields config.model.overrides sets (None = keep the preset's value: the
+    config declares every field so the CLI can set it), max_seq_len at least seq_len."""
+    overrides = {k: v for k, v in (c["model"].get("overrides") or {}).items() if v is not None}
+    overrides.setdefault("max_seq_len", max(seq_len, get_preset(c["model"]["preset"]).max_seq_len))
+    return overrides
+
+
 def resolve(config, workdir: epath.Path) -> Experiment:
     """Validate the whole experiment before anything compiles; errors name the config field."""
     c = config.to_dict() if hasattr(config, "to_dict") else dict(config)
@@ -175,11 +183,9 @@ def resolve(config, workdir: epath.Path) -> Experiment:
         raise ValueError(str(e).replace("OptimConfig.", "config.optim.").replace(
             "total_steps", "config.train.steps")) from None
     tokenizer, tok_path = _tokenizer(c, workdir, train.seed)
-    # None = keep the preset's value (the config declares every field so the CLI can set it).
-    overrides = {k: v for k, v in (c["model"].get("overrides") or {}).items() if v is not None}
+    overrides = preset_overrides(c, train.seq_len)
     if tokenizer is not None and "vocab_size" not in overrides:
         overrides["vocab_size"] = tokenizer.padded_vocab_size()
-    overrides.setdefault("max_seq_len", max(train.seq_len, get_preset(c["model"]["preset"]).max_seq_len))
     model = get_preset(c["model"]["preset"], **overrides)
     if tokenizer is not None:
         from jaxlm.tokenizer import check_model_vocab
@@ -209,14 +215,14 @@ def resolve(config, workdir: epath.Path) -> Experiment:
 def _check_splits(data: DataConfig, eval_split: str) -> None:
     """Read the first example of the train and eval splits now: a wrong split name or text_field
     would otherwise surface at the first batch, or at the first evaluation hours in."""
-    from jaxlm.data.sources import first_text
+    from jaxlm.data.sources import SplitError, first_text
 
     for key, split in (("split", data.split), ("eval_split", eval_split)):
         try:
             first_text(data.source, data.data_dir, split, data.read_options())
         except KeyError as e:  # the field: message from sources.text_field_of
             raise ValueError(f"config.data.text_field={data.text_field!r}: {e.args[0]}") from None
-        except ValueError as e:
+        except SplitError as e:  # other errors (the source itself) already say what to fix
             raise ValueError(f"config.data.{key}={split!r}: {e}") from None
 
 

@@ -151,3 +151,24 @@ def test_tfds_split_and_text_field_checked_before_training(
     c.data[key] = value
     with pytest.raises(ValueError, match=message):
         resolve(c, tmp_path)
+
+
+def test_source_errors_are_not_blamed_on_the_split(spm_tokenizer, tmp_path):
+    """Only a missing or empty split names config.data.split; a source that finds no documents
+    keeps its own message."""
+    import importlib.util
+    from pathlib import Path
+
+    from jaxlm.train.experiment import resolve
+
+    path = Path(__file__).resolve().parents[2] / "experiments" / "configs" / "pretrain.py"
+    spec = importlib.util.spec_from_file_location("pretrain_cfg", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    c = module.get_config("test")
+    (tmp_path / "empty.txt").write_text("")  # matched, but no document in it
+    c.data.source = f"local:{tmp_path}/empty*.txt"
+    c.tokenizer.path = str(spm_tokenizer.path)
+    with pytest.raises(ValueError) as error:
+        resolve(c, tmp_path)
+    assert "config.data.split" not in str(error.value), error.value
