@@ -147,10 +147,7 @@ class Checkpoints:
                 if src.exists():
                     src.rename(dst)
                     log.warning("moved damaged checkpoint %s to %s", src, dst)
-        if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
-
-            multihost_utils.sync_global_devices("jaxlm_checkpoints_moved_aside")
+        sync_processes("jaxlm_checkpoints_moved_aside")
         self.manager.reload()
 
     def close(self) -> None:
@@ -185,3 +182,11 @@ def _path(path) -> str:
 def abstract_like(tree: Any) -> Any:
     """ShapeDtypeStructs (with the same shardings) for a tree of arrays."""
     return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), tree)
+
+
+def sync_processes(name: str) -> None:
+    """A barrier across the processes of a multi-host run (nothing on one host)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)

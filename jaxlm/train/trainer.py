@@ -23,7 +23,7 @@ from etils import epath
 from jax.sharding import NamedSharding
 
 from jaxlm.paths import as_path
-from jaxlm.train.checkpointing import Checkpoints, abstract_like
+from jaxlm.train.checkpointing import Checkpoints, abstract_like, sync_processes
 from jaxlm.train.metrics import MetricsWriter, peak_flops_per_device, plot_loss, train_flops_per_token
 from jaxlm.train.optim import make_optimizer
 from jaxlm.train.experiment import Experiment, resolve
@@ -291,7 +291,7 @@ def _finish(exp: Experiment, workdir: epath.Path, summary: dict) -> None:
     model_dir = workdir / "model"
     if main and model_dir.exists():
         model_dir.rmtree()
-    _sync_processes("jaxlm_model_dir_cleared")  # no host writes before the old one is gone
+    sync_processes("jaxlm_model_dir_cleared")  # no host writes before the old one is gone
     save_model(model_dir, model)
     if not main:
         return
@@ -313,11 +313,5 @@ def _finish(exp: Experiment, workdir: epath.Path, summary: dict) -> None:
         ids = exp.tokenizer.encode(exp.train.sample_prompt, bos=True)
         out = generate(model, [ids], max_new_tokens=exp.train.sample_tokens, eos_id=exp.tokenizer.eos_id,
                        sampling=SamplingConfig(vocab_limit=exp.tokenizer.vocab_size))
-        summary["sample"] = exp.train.sample_prompt + exp.tokenizer.decode(out.tokens[0])
-
-
-def _sync_processes(name: str) -> None:
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices(name)
+        # Decoded with the prompt: alone, the continuation's first piece loses its leading space.
+        summary["sample"] = exp.tokenizer.decode(ids + out.tokens[0])

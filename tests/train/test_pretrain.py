@@ -255,7 +255,7 @@ def test_every_process_of_a_pod_saves_its_shards_of_the_final_model(tmp_path, mo
     params = nnx.to_pure_dict(nnx.state(model))
     saved, synced = [], []
     monkeypatch.setattr(jaxlm.checkpoint, "save_model", lambda d, m: saved.append(m))
-    monkeypatch.setattr(trainer, "_sync_processes", synced.append)
+    monkeypatch.setattr(trainer, "sync_processes", synced.append)
     monkeypatch.setattr(trainer, "plot_loss", lambda *a, **k: "loss.png")
     monkeypatch.setattr(jax, "process_count", lambda: 2)
     monkeypatch.setattr(jax, "process_index", lambda: process)
