@@ -490,12 +490,13 @@ def plot(rows: list[dict], path: str) -> None:
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
     from jaxlm.hostmem import keep_freed_memory_for_cli
 
-    # Before JAX starts: XLA:CPU's per-call buffers stop page-faulting (jaxlm.hostmem). Process-wide,
-    # so transformers in this process gets the same allocator.
+    # First thing, before JAX is imported (parse_args imports it for the preset names) and starts
+    # threads: XLA:CPU's per-call buffers stop page-faulting (jaxlm.hostmem). Process-wide, so
+    # transformers in this process gets the same allocator.
     host_malloc = "kept" if keep_freed_memory_for_cli(by_default=True) else "default"
+    args = parse_args(argv)
     HOST["memory_kept"] = host_malloc == "kept"
     flags = [args.xla_flags] + ([f"--xla_dump_to={args.xla_dump}"] if args.xla_dump else [])
     os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""), *flags]).strip()
