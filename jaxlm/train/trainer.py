@@ -39,17 +39,33 @@ class NonFiniteError(RuntimeError):
 
 
 class _Preemption:
-    """SIGTERM (a TPU VM being preempted) sets a flag the loop checks after each step."""
+    """Whether to save and stop after a step because the VM is being preempted.
+
+    One process: SIGTERM sets a flag that `check` reports. Several processes (a pod): every host
+    must stop at the same step, or one enters the collective checkpoint save while another runs
+    the next step and the pod hangs, so a host's own SIGTERM cannot decide. There JAX's
+    preemption sync manager (started by jax.distributed.initialize, which then catches SIGTERM
+    itself, so no handler of ours replaces it) picks one step for all, read through orbax's
+    `reached_preemption`, as MaxText does.
+    """
 
     def __init__(self):
         self.requested = False
-        self._old = signal.signal(signal.SIGTERM, self._handle)
+        self.multi_host = jax.process_count() > 1
+        self._old = None if self.multi_host else signal.signal(signal.SIGTERM, self._handle)
 
     def _handle(self, signum, frame):
         self.requested = True
 
+    def check(self, step: int, manager) -> bool:
+        """After `step`: stop now? manager: the orbax CheckpointManager (pods only)."""
+        if self.multi_host and not self.requested:
+            self.requested = bool(manager.reached_preemption(step))
+        return self.requested
+
     def restore(self):
-        signal.signal(signal.SIGTERM, self._old)
+        if self._old is not None:
+            signal.signal(signal.SIGTERM, self._old)
 
 
 def train(config, workdir: str | os.PathLike) -> dict[str, Any]:
@@ -201,16 +217,17 @@ def _loop(exp: Experiment, state, step_fn, data, ckpts: Checkpoints, writer: Met
             last_time = now
             # Save before evaluating: an evaluation that fails must not cost the steps since
             # the last save. A preempted VM has seconds left: save and go, no evaluation.
-            if step % every == 0 or step == t.steps or preempt.requested:
+            stop = preempt.check(step, ckpts.manager)
+            if step % every == 0 or step == t.steps or stop:
                 ckpts.save(step, state, data.get_state(), exp.resolved, force=True)
-            if (step % t.eval_every == 0 or step == t.steps) and not preempt.requested:
+            if (step % t.eval_every == 0 or step == t.steps) and not stop:
                 eval_loss = _evaluate(exp, eval_fn, state, batch_sharding)
                 writer.write(step, {"eval_loss": eval_loss,
                                     "eval_perplexity": math.exp(min(eval_loss, 50))})
                 result["eval_loss"] = eval_loss
                 last_time = time.perf_counter()  # eval time is not step time
-            if preempt.requested:
-                log.warning("SIGTERM: saved checkpoint %d, exiting", step)
+            if stop:
+                log.warning("preempted (SIGTERM): saved checkpoint %d, exiting", step)
                 result["preempted"] = True
                 break
             bar.update(1)

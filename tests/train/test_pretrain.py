@@ -282,3 +282,47 @@ def test_storage_errors_are_told_from_damage(error, storage):
     from jaxlm.train.checkpointing import _is_storage_error
 
     assert _is_storage_error(error) == storage
+
+
+def test_preemption_on_one_host_is_its_own_sigterm(monkeypatch):
+    import os
+    import signal
+
+    from jaxlm.train import trainer
+
+    before = signal.getsignal(signal.SIGTERM)
+    preempt = trainer._Preemption()
+    try:
+        never = type("Manager", (), {"reached_preemption": lambda self, step: True})()
+        assert not preempt.check(1, never)  # one host: the pod's sync point is not asked
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert preempt.check(2, never)
+    finally:
+        preempt.restore()
+    assert signal.getsignal(signal.SIGTERM) == before
+
+
+def test_preemption_on_a_pod_stops_every_host_at_the_synced_step(monkeypatch):
+    """On a pod a host's own SIGTERM must not decide (hosts would stop at different steps and
+    hang in the collective save): no handler of ours is installed (JAX's preemption notifier
+    keeps SIGTERM), and the step comes from the sync manager through orbax."""
+    import signal
+
+    from jaxlm.train import trainer
+
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    before = signal.getsignal(signal.SIGTERM)
+    preempt = trainer._Preemption()
+    assert signal.getsignal(signal.SIGTERM) == before
+    asked = []
+
+    class Manager:
+        def reached_preemption(self, step):
+            asked.append(step)
+            return step == 3
+
+    manager = Manager()
+    assert [preempt.check(step, manager) for step in (1, 2, 3, 4)] == [False, False, True, True]
+    assert asked == [1, 2, 3]  # once the sync point is reached it stays reached
+    preempt.restore()
+    assert signal.getsignal(signal.SIGTERM) == before
