@@ -278,7 +278,12 @@ def _make_eval(graphdef, batch_sharding):
 
 
 def _evaluate(exp: Experiment, eval_fn, state, batch_sharding) -> float:
-    """Token-weighted loss over the first eval_batches batches of the held-out split."""
+    """Token-weighted loss over the first eval_batches batches of the held-out split.
+
+    Each eval_fn call is a computation over the global batch, so on a pod every host must make
+    the same number of calls: a host whose shard of a small split runs out early feeds batches
+    without a trained token instead of stopping (which would leave the others waiting forever).
+    """
     it = exp.make_iterator(split=exp.eval_split, eval_mode=True)
     total = count = 0.0
     try:
@@ -286,12 +291,23 @@ def _evaluate(exp: Experiment, eval_fn, state, batch_sharding) -> float:
             try:
                 batch = next(it)
             except StopIteration:
-                break
+                if jax.process_count() == 1:
+                    break
+                batch = _no_token_batch(exp.plan.per_host_batch, exp.train.seq_len)
             ce, n = jax.device_get(eval_fn(state.params, _to_device(batch, batch_sharding, False)))
             total, count = total + float(ce), count + float(n)
     finally:
         it.close()
     return total / max(count, 1.0)
+
+
+def _no_token_batch(rows: int, seq_len: int) -> dict:
+    """A well-formed batch (one document per row) whose loss_mask trains no token."""
+    positions = np.broadcast_to(np.arange(seq_len, dtype=np.int32), (rows, seq_len)).copy()
+    zeros = np.zeros((rows, seq_len), np.int32)
+    return {"inputs": zeros, "targets": zeros.copy(), "positions": positions,
+            "segment_ids": np.ones((rows, seq_len), np.int32),
+            "loss_mask": np.zeros((rows, seq_len), np.float32)}
 
 
 def _finish(exp: Experiment, workdir: epath.Path, summary: dict) -> None:

@@ -326,3 +326,46 @@ def test_preemption_on_a_pod_stops_every_host_at_the_synced_step(monkeypatch):
     assert asked == [1, 2, 3]  # once the sync point is reached it stays reached
     preempt.restore()
     assert signal.getsignal(signal.SIGTERM) == before
+
+
+@pytest.mark.parametrize("processes, calls", [(1, 1), (2, 3)])
+def test_eval_calls_agree_across_a_pod(monkeypatch, processes, calls):
+    """A host whose eval shard runs out stops early on one host, but on a pod it keeps calling
+    the (collective) eval step with batches that train no token, so every host makes
+    eval_batches calls; the loss is that of the real batches alone."""
+    from types import SimpleNamespace
+
+    from jaxlm.train import trainer
+
+    real = {"inputs": np.ones((2, 4), np.int32), "targets": np.ones((2, 4), np.int32),
+            "positions": np.tile(np.arange(4, dtype=np.int32), (2, 1)),
+            "segment_ids": np.ones((2, 4), np.int32), "loss_mask": np.ones((2, 4), np.float32)}
+    exp = SimpleNamespace(eval_split="validation", train=SimpleNamespace(eval_batches=3, seq_len=4),
+                          plan=SimpleNamespace(per_host_batch=2),
+                          make_iterator=lambda split, eval_mode: _Closable(iter([real])))
+    seen = []
+
+    def eval_fn(params, batch):
+        mask = np.asarray(batch["loss_mask"])
+        seen.append(batch["inputs"].shape)
+        return 2.5 * mask.sum(), mask.sum()  # mean loss 2.5 per trained token
+
+    monkeypatch.setattr(jax, "process_count", lambda: processes)
+    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    loss = trainer._evaluate(exp, eval_fn, SimpleNamespace(params=None), sharding)
+    assert len(seen) == calls and set(seen) == {(2, 4)}
+    assert loss == pytest.approx(2.5)
+
+
+class _Closable:
+    def __init__(self, it):
+        self._it = it
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        return next(self._it)
+
+    def close(self):
+        pass
