@@ -91,6 +91,8 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, *,
         metrics = {"loss": loss, "z_loss": sums["z_sum"] / tokens, "grad_norm": grad_norm,
                    "tokens": sums["tokens"], "finite": finite,
                    "bad_in_a_row": new_state.bad_in_a_row,
+                   # optax's count, which the schedule reads: skipped steps do not advance it
+                   "optimizer_step": state.step - state.bad_total,
                    **{k: v / tokens for k, v in sums.items() if k.startswith("aux/")}}
         return new_state, metrics
 

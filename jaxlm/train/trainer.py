@@ -247,7 +247,7 @@ def _log_step(step, m, dt, flops_step, peak, exp, writer, bar, result):
     row = {"loss": loss if math.isfinite(loss) else None,
            "perplexity": math.exp(min(loss, 50)) if math.isfinite(loss) else None,
            "grad_norm": float(m["grad_norm"]) if math.isfinite(float(m["grad_norm"])) else None,
-           "learning_rate": float(exp.learning_rate(step - 1)),
+           "learning_rate": float(exp.learning_rate(int(m["optimizer_step"]))),
            "tokens_per_s": tokens / dt if dt > 0 else None, "step_time_s": dt,
            "mfu": flops_step / dt / peak if dt > 0 else None,
            "skipped": not bool(m["finite"]), "bad_in_a_row": int(m["bad_in_a_row"])}

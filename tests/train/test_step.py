@@ -91,6 +91,13 @@ def test_non_finite_step_is_skipped_and_counted():
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), after.params, state.params)
     again, m = step(after, batch)  # a good step applies and resets the streak
     assert bool(m["finite"]) and int(again.bad_in_a_row) == 0 and int(again.bad_total) == 1
+    # The schedule reads optax's count, which the skipped step did not advance: the logged
+    # learning rate follows it (metrics["optimizer_step"]), not the step number.
+    counts = lambda s: {int(leaf) for path, leaf in jax.tree_util.tree_flatten_with_path(
+        s.opt_state)[0] if "count" in jax.tree_util.keystr(path)}
+    assert counts(after) == {0} and int(m["optimizer_step"]) == 0
+    _, m = step(again, batch)
+    assert counts(again) == {1} and int(m["optimizer_step"]) == 1
 
 
 def test_overfits_a_single_batch():
