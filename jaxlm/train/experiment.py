@@ -258,4 +258,11 @@ def _tokenizer(c: dict, workdir: epath.Path, seed: int):
             path.parent.mkdir(parents=True, exist_ok=True)
             for f in local.parent.iterdir():  # tokenizer.model and tokenizer.json
                 as_path(f).copy(path.parent / f.name, overwrite=True)
-    return Tokenizer(local_copy(path)), path
+    tokenizer = Tokenizer(local_copy(path))
+    if not t["path"] and tokenizer.vocab_size != t["vocab_size"]:
+        # The run's own tokenizer, trained earlier with another size: its checkpoints and data
+        # positions belong to it, so a changed vocab_size cannot silently be ignored.
+        raise ValueError(f"config.tokenizer.vocab_size={t['vocab_size']}, but {path} (this "
+                         f"workdir's tokenizer) has {tokenizer.vocab_size} pieces: restore the "
+                         "value, or use a new --workdir to train a new tokenizer")
+    return tokenizer, path

@@ -172,3 +172,22 @@ def test_source_errors_are_not_blamed_on_the_split(spm_tokenizer, tmp_path):
     with pytest.raises(ValueError) as error:
         resolve(c, tmp_path)
     assert "config.data.split" not in str(error.value), error.value
+
+
+def test_workdir_tokenizer_of_another_size_is_an_error(spm_tokenizer, tmp_path):
+    """WORKDIR/tokenizer was trained earlier with 400 pieces: a run asking for another size must
+    not silently reuse it (its checkpoints and data positions belong to that tokenizer)."""
+    import shutil
+
+    from jaxlm.paths import as_path
+    from jaxlm.train.experiment import _tokenizer
+
+    (tmp_path / "tokenizer").mkdir()
+    shutil.copy(spm_tokenizer.path, tmp_path / "tokenizer" / "tokenizer.model")
+    c = {"data": {"source": f"local:{tmp_path}/*.txt"},
+         "tokenizer": {"path": "", "train_if_missing": True, "vocab_size": 400}}
+    tokenizer, _ = _tokenizer(c, as_path(tmp_path), seed=0)
+    assert tokenizer.vocab_size == 400
+    c["tokenizer"]["vocab_size"] = 512
+    with pytest.raises(ValueError, match=r"config.tokenizer.vocab_size=512, but .* has 400 pieces"):
+        _tokenizer(c, as_path(tmp_path), seed=0)
