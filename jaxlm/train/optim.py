@@ -55,10 +55,12 @@ class OptimConfig:
         # The cosine needs at least one step after warmup (optax: "positive decay_steps").
         if self.warmup > self.total_steps or (
                 self.schedule is Schedule.COSINE and self.warmup >= self.total_steps):
+            source = ("warmup_steps" if self.warmup_fraction is None else
+                      "warmup_fraction" if self.warmup > self.min_warmup_steps else "min_warmup_steps")
             raise ValueError(
-                f"OptimConfig.warmup_steps: warmup ({self.warmup} steps) must be shorter than "
+                f"OptimConfig.{source}: warmup ({self.warmup} steps) must be shorter than "
                 f"total_steps ({self.total_steps}), leaving steps for the {self.schedule.value} "
-                "schedule; lower warmup_steps or raise total_steps")
+                f"schedule; lower {source} or raise total_steps")
         if not 0 <= self.final_lr_fraction <= 1:
             raise ValueError(f"OptimConfig.final_lr_fraction must be in [0, 1], got {self.final_lr_fraction}")
         for name in ("b1", "b2"):  # Adam's moment decays: 1 would never forget, >1 diverges

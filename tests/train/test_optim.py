@@ -48,6 +48,9 @@ def test_other_recipes():
     (dict(total_steps=10, warmup_steps=0, final_lr_fraction=2), "final_lr_fraction"),
     (dict(total_steps=10, warmup_steps=10), r"warmup_steps: warmup \(10 steps\) must be shorter"),
     (dict(total_steps=10, warmup_steps=-1), "warmup_steps must be >= 0"),
+    # the field the warmup came from is the one named
+    (dict(total_steps=4, warmup_fraction=0.9), r"warmup_fraction: warmup \(4 steps\)"),
+    (dict(total_steps=4, warmup_fraction=0.03, min_warmup_steps=5), r"min_warmup_steps: warmup \(5"),
     (dict(total_steps=10, warmup_steps=0, b1=1.0), r"b1 must be in \[0, 1\)"),
     (dict(total_steps=10, warmup_steps=0, b2=-0.1), r"b2 must be in \[0, 1\)"),
     (dict(total_steps=10, warmup_steps=0, eps=0.0), "eps must be > 0"),
