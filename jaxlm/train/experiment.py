@@ -180,7 +180,8 @@ def resolve(config, workdir: epath.Path) -> Experiment:
     try:
         optim = OptimConfig(total_steps=train.steps, **c["optim"])
     except ValueError as e:  # OptimConfig is shared with SFT / RLHF: name this config's fields
-        raise ValueError(str(e).replace("OptimConfig.", "config.optim.").replace(
+        message = str(e).replace("OptimConfig.total_steps", "total_steps")
+        raise ValueError(message.replace("OptimConfig.", "config.optim.").replace(
             "total_steps", "config.train.steps")) from None
     tokenizer, tok_path = _tokenizer(c, workdir, train.seed)
     overrides = preset_overrides(c, train.seq_len)
