@@ -22,6 +22,7 @@ from flax import nnx
 from etils import epath
 from jax.sharding import NamedSharding
 
+from jaxlm.data.packing import empty_batch
 from jaxlm.paths import as_path
 from jaxlm.train.checkpointing import Checkpoints, abstract_like, sync_processes
 from jaxlm.train.metrics import MetricsWriter, peak_flops_per_device, plot_loss, train_flops_per_token
@@ -53,6 +54,10 @@ class _Preemption:
         self.requested = False
         self.multi_host = jax.process_count() > 1
         self._old = None if self.multi_host else signal.signal(signal.SIGTERM, self._handle)
+        if self.multi_host and not _preemption_service_running():
+            log.warning("JAX's preemption service is off (jax_enable_preemption_service=False, "
+                        "or Pathways): a SIGTERM on this pod kills the run without a checkpoint; "
+                        "the last periodic one is kept")
 
     def _handle(self, signum, frame):
         self.requested = True
@@ -68,10 +73,18 @@ class _Preemption:
             signal.signal(signal.SIGTERM, self._old)
 
 
+def _preemption_service_running() -> bool:
+    from jax._src import distributed  # the sync manager jax.distributed.initialize starts
+
+    return getattr(distributed.global_state, "preemption_sync_manager", None) is not None
+
+
 def train(config, workdir: str | os.PathLike) -> dict[str, Any]:
     """Run (or resume) the experiment in `workdir`, a local directory or a bucket URL
     (gs://BUCKET/RUN, shared by all hosts of a pod). Returns a summary dict."""
-    preempt = _Preemption()  # first, so a SIGTERM during set-up / compilation is not lost
+    # First, so a SIGTERM during set-up / compilation is not lost (one host; a pod's sync
+    # manager learns the resume step only after the restore, see _loop).
+    preempt = _Preemption()
     try:
         return _train(config, as_path(workdir), preempt)
     finally:
@@ -205,6 +218,12 @@ def _loop(exp: Experiment, state, step_fn, data, ckpts: Checkpoints, writer: Met
                 f" The last good checkpoint is kept in {ckpts.directory} (steps {ckpts.steps()});"
                 " lower optim.peak_lr or enable train.z_loss, then resume")
 
+    if preempt.multi_host:
+        # Registers the resume step with the pod's preemption sync (JAX's counts from the first
+        # step it is shown): a notice during the first step's compile then stops all hosts at
+        # the step after it. A notice before this (during the restore) is missed. (One host
+        # needs no registering: a SIGTERM during set-up saves after the first step.)
+        preempt.check(start, ckpts.manager)
     with jax.set_mesh(mesh):
         while step < t.steps:
             batch = _to_device(next(data), batch_sharding, step + 1 in exp.inject_nan_at)
@@ -281,8 +300,8 @@ def _evaluate(exp: Experiment, eval_fn, state, batch_sharding) -> float:
     """Token-weighted loss over the first eval_batches batches of the held-out split.
 
     Each eval_fn call is a computation over the global batch, so on a pod every host must make
-    the same number of calls: a host whose shard of a small split runs out early feeds batches
-    without a trained token instead of stopping (which would leave the others waiting forever).
+    the same number of calls: a host whose shard of a small split runs out early feeds
+    all-padding batches (no trained token) instead of stopping (which would leave the others waiting forever).
     """
     it = exp.make_iterator(split=exp.eval_split, eval_mode=True)
     total = count = 0.0
@@ -293,21 +312,12 @@ def _evaluate(exp: Experiment, eval_fn, state, batch_sharding) -> float:
             except StopIteration:
                 if jax.process_count() == 1:
                     break
-                batch = _no_token_batch(exp.plan.per_host_batch, exp.train.seq_len)
+                batch = empty_batch(exp.plan.per_host_batch, exp.train.seq_len)  # all padding
             ce, n = jax.device_get(eval_fn(state.params, _to_device(batch, batch_sharding, False)))
             total, count = total + float(ce), count + float(n)
     finally:
         it.close()
     return total / max(count, 1.0)
-
-
-def _no_token_batch(rows: int, seq_len: int) -> dict:
-    """A well-formed batch (one document per row) whose loss_mask trains no token."""
-    positions = np.broadcast_to(np.arange(seq_len, dtype=np.int32), (rows, seq_len)).copy()
-    zeros = np.zeros((rows, seq_len), np.int32)
-    return {"inputs": zeros, "targets": zeros.copy(), "positions": positions,
-            "segment_ids": np.ones((rows, seq_len), np.int32),
-            "loss_mask": np.zeros((rows, seq_len), np.float32)}
 
 
 def _finish(exp: Experiment, workdir: epath.Path, summary: dict) -> None:

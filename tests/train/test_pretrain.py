@@ -369,3 +369,58 @@ class _Closable:
 
     def close(self):
         pass
+
+
+class _SyncManager:
+    """JAX's preemption sync rules (tsl PreemptionSyncManager): it learns step numbers as they
+    are reported; a notice sets the sync step to the largest reported + 1; only that exact step
+    reports True."""
+
+    def __init__(self):
+        self.reported, self.sync_at = [0], None
+
+    def notice(self):
+        self.sync_at = max(self.reported) + 1
+
+    def reached_preemption(self, step):
+        self.reported.append(step)
+        return step == self.sync_at
+
+
+def test_pod_preemption_during_the_first_compile_of_a_resumed_run(monkeypatch):
+    """A resumed pod run registers its resume step before the first step: a notice that comes
+    during the first step's compile stops at the step after it (without that first report the
+    sync step would be 1, which a run resumed at 1000 never reaches)."""
+    from jaxlm.train import trainer
+
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    manager, preempt = _SyncManager(), trainer._Preemption()
+    assert not preempt.check(1000, manager)  # _loop, right after the restore
+    manager.notice()                          # SIGTERM while step 1001 compiles
+    assert preempt.check(1001, manager)
+
+
+def test_the_loop_reports_its_start_step_first(tmp_path, monkeypatch):
+    import importlib.util
+
+    from jaxlm.train import trainer
+
+    spec = importlib.util.spec_from_file_location("pretrain_cfg", CONFIG.split(":")[0])
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config("test")
+    config.train.steps = 3
+    checked = []
+
+    class PodPreemption(trainer._Preemption):  # the pod path; orbax reports no preemption here
+        def __init__(self):
+            super().__init__()
+            self.multi_host = True
+
+        def check(self, step, manager):
+            checked.append(step)
+            return super().check(step, manager)
+
+    monkeypatch.setattr(trainer, "_Preemption", PodPreemption)
+    assert trainer.train(config, tmp_path)["completed"]
+    assert checked == [0, 1, 2, 3]
