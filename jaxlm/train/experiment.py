@@ -223,8 +223,10 @@ def _check_splits(data: DataConfig, eval_split: str) -> None:
             first_text(data.source, data.data_dir, split, data.read_options())
         except KeyError as e:  # the field: message from sources.text_field_of
             raise ValueError(f"config.data.text_field={data.text_field!r}: {e.args[0]}") from None
-        except SplitError as e:  # other errors (the source itself) already say what to fix
+        except SplitError as e:
             raise ValueError(f"config.data.{key}={split!r}: {e}") from None
+        except ValueError as e:  # the source itself (no documents, not array_record, ...)
+            raise ValueError(f"config.data.source={data.source!r}: {e}") from None
 
 
 def _model_class(cfg: ModelConfig) -> type:
@@ -260,7 +262,9 @@ def _tokenizer(c: dict, workdir: epath.Path, seed: int):
             for f in local.parent.iterdir():  # tokenizer.model and tokenizer.json
                 as_path(f).copy(path.parent / f.name, overwrite=True)
     tokenizer = Tokenizer(local_copy(path))
-    if not t["path"] and tokenizer.vocab_size != t["vocab_size"]:
+    trains_its_own = not t["path"] and t["train_if_missing"] and (
+        source == "stdlib" or source.startswith("local:"))
+    if trains_its_own and tokenizer.vocab_size != t["vocab_size"]:
         # The run's own tokenizer, trained earlier with another size: its checkpoints and data
         # positions belong to it, so a changed vocab_size cannot silently be ignored.
         raise ValueError(f"config.tokenizer.vocab_size={t['vocab_size']}, but {path} (this "

@@ -172,6 +172,8 @@ def test_source_errors_are_not_blamed_on_the_split(spm_tokenizer, tmp_path):
     with pytest.raises(ValueError) as error:
         resolve(c, tmp_path)
     assert "config.data.split" not in str(error.value), error.value
+    assert str(error.value).startswith(f"config.data.source='local:{tmp_path}/empty*.txt': "
+                                       "no documents"), error.value
 
 
 def test_workdir_tokenizer_of_another_size_is_an_error(spm_tokenizer, tmp_path):
@@ -191,3 +193,5 @@ def test_workdir_tokenizer_of_another_size_is_an_error(spm_tokenizer, tmp_path):
     c["tokenizer"]["vocab_size"] = 512
     with pytest.raises(ValueError, match=r"config.tokenizer.vocab_size=512, but .* has 400 pieces"):
         _tokenizer(c, as_path(tmp_path), seed=0)
+    c["tokenizer"]["train_if_missing"] = False  # placed there by hand: vocab_size is not its own
+    assert _tokenizer(c, as_path(tmp_path), seed=0)[0].vocab_size == 400
