@@ -73,7 +73,7 @@ def read_model_config(directory: str | os.PathLike) -> ModelConfig:
 
 def load_model(directory: str | os.PathLike, *, mesh: jax.sharding.Mesh | None = None) -> Transformer:
     """Restore a model saved by save_model, each parameter directly into its sharding on `mesh`
-    (without a mesh: onto the first local device).
+    (without a mesh: onto jax.default_device if one is set, else the first local device).
 
     The target sharding is always explicit: without one orbax rebuilds the sharding it saved,
     which only works on the same devices, so a model a pod saved shard by shard would not load
@@ -84,7 +84,9 @@ def load_model(directory: str | os.PathLike, *, mesh: jax.sharding.Mesh | None =
     if mesh is not None:
         shardings = state_shardings(abstract, mesh)
     else:
-        one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        default = jax.config.jax_default_device  # `with jax.default_device(cpu):` is honoured
+        device = default if isinstance(default, jax.Device) else jax.local_devices()[0]
+        one = jax.sharding.SingleDeviceSharding(device)
         shardings = jax.tree.map(lambda _: one, abstract)
     abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                             abstract, shardings)

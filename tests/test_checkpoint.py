@@ -39,4 +39,7 @@ def test_sharded_save_loads_on_one_device(tmp_path):
     np.testing.assert_allclose(np.load(tmp_path / "out.npy"), expected, atol=1e-5)
     # In-process without a mesh, the parameters land on one device.
     loaded = load_model(tmp_path / "model")
-    assert len(loaded.lm_head[...].sharding.device_set) == 1
+    assert loaded.lm_head[...].sharding.device_set == {jax.local_devices()[0]}
+    with jax.default_device(jax.devices()[3]):  # e.g. the CPU, to keep an export off the TPU
+        loaded = load_model(tmp_path / "model")
+    assert loaded.lm_head[...].sharding.device_set == {jax.devices()[3]}

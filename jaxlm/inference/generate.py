@@ -51,7 +51,7 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], *, max_new_to
     if any(np.ndim(p) != 1 for p in prompts):  # lists, NumPy or jax arrays of ids; not ints
         raise ValueError(f"prompts is a list of prompts, each a list of token ids (e.g. [[1, 2, 3]] "
                          f"for one prompt); got {str(list(prompts))[:60]}")
-    if not prompts or any(len(p) == 0 for p in prompts):
+    if len(prompts) == 0 or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token (e.g. BOS); got an empty prompt")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")

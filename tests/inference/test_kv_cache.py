@@ -129,6 +129,8 @@ def test_prompts_may_be_arrays(full_model):
     as_list = generate(full_model, [[5, 17, 99], [8, 1]], max_new_tokens=3).tokens
     arrays = generate(full_model, [jnp.array([5, 17, 99]), np.array([8, 1])], max_new_tokens=3)
     assert arrays.tokens == as_list
+    square = generate(full_model, np.array([[5, 17, 99], [8, 1, 2]]), max_new_tokens=3).tokens
+    assert square[0] == as_list[0]  # a 2-D array is a batch of equal-length prompts
 
 
 def test_bad_generation_input(full_model):
