@@ -34,14 +34,18 @@ def save_model(directory: str | os.PathLike, model: Transformer) -> epath.Path:
     return directory
 
 
+def config_json(directory: str | os.PathLike) -> dict:
+    """DIR/config.json as a dict; {} if it is missing or not a JSON object (jaxlm's or HF's)."""
+    try:
+        meta = json.loads((as_path(directory) / "config.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return meta if isinstance(meta, dict) else {}
+
+
 def is_model_directory(directory: str | os.PathLike) -> bool:
     """True if `directory` holds a saved model: config.json of this format and params/."""
-    directory = as_path(directory)
-    try:
-        meta = json.loads((directory / "config.json").read_text())
-    except (OSError, ValueError):
-        return False
-    return isinstance(meta, dict) and meta.get("format") == FORMAT and (directory / "params").is_dir()
+    return config_json(directory).get("format") == FORMAT and (as_path(directory) / "params").is_dir()
 
 
 def read_model_config(directory: str | os.PathLike) -> ModelConfig:
@@ -102,9 +106,8 @@ def load_model(directory: str | os.PathLike, *, mesh: jax.sharding.Mesh | None =
 def check_saved_shapes(ckptr: ocp.StandardCheckpointer, directory: epath.Path, target: dict) -> None:
     """Compare the saved arrays' shapes (orbax metadata, nothing read) with those config.json
     implies, so a mismatch is one clear error naming the parameter instead of an orbax trace."""
-    saved = ckptr.metadata(directory / "params").item_metadata.tree
-    want = {".".join(map(str, k)): v.shape for k, v in _flat(target)}
-    got = {".".join(map(str, k)): tuple(v.shape) for k, v in _flat(saved)}
+    want = array_shapes(target)
+    got = array_shapes(ckptr.metadata(directory / "params").item_metadata.tree)
     for name in sorted(want.keys() | got.keys()):
         if want.get(name) != got.get(name):
             raise ValueError(
@@ -113,12 +116,13 @@ def check_saved_shapes(ckptr: ocp.StandardCheckpointer, directory: epath.Path, t
                 "its config.json")
 
 
-def _flat(tree: dict, prefix: tuple = ()):
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            yield from _flat(value, prefix + (key,))
-        else:
-            yield prefix + (key,), value
+def array_shapes(tree, sep: str = ".") -> dict[str, tuple[int, ...]]:
+    """{"layers.attn.q": shape} of a tree of arrays, ShapeDtypeStructs or orbax array metadata
+    (nested dicts, NamedTuples and lists alike), so a saved tree compares with the one expected."""
+    leaves = jax.tree_util.tree_flatten_with_path(
+        tree, is_leaf=lambda x: hasattr(x, "shape") and hasattr(x, "dtype"))[0]
+    name = lambda k: str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))))
+    return {sep.join(map(name, path)): tuple(leaf.shape) for path, leaf in leaves}
 
 
 def _describe(shape) -> str:

@@ -97,11 +97,9 @@ def plan_shards(sizes: list[int], max_bytes: int) -> list[list[int]]:
 
 def is_hf_model_directory(directory: str | Path) -> bool:
     """True if `directory` holds a transformers model: a config.json naming its architectures."""
-    try:
-        meta = json.loads((Path(directory) / "config.json").read_text())
-    except (OSError, ValueError):
-        return False
-    return isinstance(meta, dict) and bool(meta.get("architectures"))
+    from jaxlm.checkpoint import config_json
+
+    return bool(config_json(directory).get("architectures"))
 
 
 def export_hf(src: str | Path, dst: str | Path, *, dtype: str | None = None,

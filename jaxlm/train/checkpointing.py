@@ -17,6 +17,7 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from jaxlm.checkpoint import array_shapes
 from jaxlm.paths import as_path
 
 log = logging.getLogger("jaxlm.train")
@@ -92,16 +93,11 @@ class Checkpoints:
     def _saved_arrays(self, step: int) -> dict[str, tuple] | None:
         """{path: shape} of the saved state, from orbax's metadata (no array is read)."""
         tree = getattr(self.manager.item_metadata(step)["state"], "tree", None)
-        if tree is None:
-            return None
-        leaves = jax.tree_util.tree_flatten_with_path(
-            tree, is_leaf=lambda x: hasattr(x, "shape") and hasattr(x, "dtype"))[0]
-        return {_path(p): tuple(m.shape) for p, m in leaves}
+        return None if tree is None else array_shapes(tree, sep="/")
 
     def _check_same_arrays(self, step: int, saved: dict, abstract_state: Any,
                            config: dict | None) -> None:
-        leaves = jax.tree_util.tree_flatten_with_path(abstract_state)[0]
-        now = {_path(p): tuple(a.shape) for p, a in leaves}
+        now = array_shapes(abstract_state, sep="/")
         if saved == now:
             return
         diffs = [f"{k}: only in the checkpoint" for k in saved if k not in now]
@@ -172,11 +168,6 @@ def _is_storage_error(e: BaseException) -> bool:
                                                       NotADirectoryError)):
         return True  # a missing file is damage; any other OSError is the storage's
     return bool(_STORAGE_ERROR.search(str(e)))
-
-
-def _path(path) -> str:
-    """'params/layers/attn/q/kernel' for a key path of dicts, NamedTuples or lists alike."""
-    return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
 
 
 def abstract_like(tree: Any) -> Any:

@@ -301,7 +301,8 @@ def _evaluate(exp: Experiment, eval_fn, state, batch_sharding) -> float:
 
     Each eval_fn call is a computation over the global batch, so on a pod every host must make
     the same number of calls: a host whose shard of a small split runs out early feeds
-    all-padding batches (no trained token) instead of stopping (which would leave the others waiting forever).
+    all-padding batches (no trained token) instead of stopping, which would leave the others
+    waiting forever.
     """
     it = exp.make_iterator(split=exp.eval_split, eval_mode=True)
     total = count = 0.0
