@@ -16,7 +16,9 @@ Sub-benchmarks:
   data     packed batches from the embedded corpus vs the transformers recipe (fast tokenizer +
            run_clm.py's concatenate-and-chunk)
 Each number is the median of --repeats timed runs after one untimed warm-up (compilation; with
-freed host memory kept, up to 3 more while the heap still grows).
+freed host memory kept, up to 3 more while the heap still grows). With --vs hf, train, decode and
+prefill alternate jaxlm and transformers call by call, and their ratio is the median of the
+pairs' ratios (two neighbouring calls see the same phase of a drifting machine).
 MFU divides model FLOPs (jaxlm.train.metrics: 6·N per trained token, 2·N per token a forward
 pass processes, the output head only where logits are computed, plus attention over the keys
 each query sees; decode counts its prefill) by the time and by a peak measured in this process
@@ -104,7 +106,7 @@ def parse_args(argv=None):
     return args
 
 
-PROFILE: dict = {"dir": None}  # --profile DIR: median_time(..., trace=NAME) traces into DIR/NAME
+PROFILE: dict = {"dir": None}  # --profile DIR: median_time / race(..., trace=NAME) trace into DIR/NAME
 HOST = {"memory_kept": False}   # set by main: jaxlm.hostmem's settings are in force
 SETTLE_CALLS = 3                # extra warm-up calls at most while the kept heap still grows
 
@@ -122,12 +124,10 @@ def _page_faults() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
-def median_time(fn, repeats: int, trace: str | None = None) -> Seconds:
-    """Median of `repeats` timed calls of fn after the warm-up; with --profile and a `trace` name,
-    one more call traced with jax.profiler into PROFILE["dir"]/trace."""
-    if repeats < 1:
-        raise ValueError(f"repeats must be >= 1, got {repeats}")
-    fn()  # warm-up: compilation and caches, never timed
+def _warm_up(fn) -> None:
+    """One untimed call (compilation, caches); with freed host memory kept, up to SETTLE_CALLS
+    more while the heap still grows."""
+    fn()
     if HOST["memory_kept"]:
         # With freed memory kept the heap still grows over the first calls, each growth a burst
         # of first-touch page faults (2-3 s on a train step): warm-up too. Call again, a few
@@ -137,19 +137,54 @@ def median_time(fn, repeats: int, trace: str | None = None) -> Seconds:
             fn()
             if _page_faults() - before < 1000:
                 break
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def _trace(fn, trace: str | None) -> None:
+    """With --profile and a `trace` name: one more call traced with jax.profiler into
+    PROFILE["dir"]/trace."""
     if PROFILE["dir"] and trace:
         import jax
 
         with jax.profiler.trace(os.path.join(PROFILE["dir"], trace)):
             fn()
+
+
+def _seconds(times: list[float]) -> Seconds:
     median = Seconds(statistics.median(times))
     median.runs = tuple(times)
     return median
+
+
+def median_time(fn, repeats: int, trace: str | None = None) -> Seconds:
+    """Median of `repeats` timed calls of fn after the warm-up; with --profile and a `trace` name,
+    one more call traced with jax.profiler into PROFILE["dir"]/trace."""
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    _warm_up(fn)
+    times = [_timed(fn) for _ in range(repeats)]
+    _trace(fn, trace)
+    return _seconds(times)
+
+
+def race(ours, theirs, repeats: int, trace: str | None = None) -> tuple[Seconds, Seconds, float]:
+    """Time jaxlm (`ours`) and transformers (`theirs`) alternately, ours then theirs, `repeats`
+    pairs after both warm-ups: (our median, their median, the median of the pairs' ratios
+    their time / our time). This machine drifts by 5-10 % over minutes; two calls next to each
+    other see the same phase, so each pair's ratio is fairer than medians taken a minute apart."""
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    _warm_up(ours)
+    _warm_up(theirs)
+    pairs = [(_timed(ours), _timed(theirs)) for _ in range(repeats)]
+    _trace(ours, trace)
+    ratio = statistics.median(t_theirs / t_ours for t_ours, t_theirs in pairs)
+    return _seconds([p[0] for p in pairs]), _seconds([p[1] for p in pairs]), ratio
 
 
 def measured_peak_flops() -> tuple[float, str]:
@@ -205,6 +240,20 @@ class Setup:
         return self._ours
 
 
+def _timed_row(setup: Setup, name: str, run_ours, run_hf, *, tokens: int, trace: str) -> dict:
+    """A row's timings: jaxlm alone (median_time), or with --vs hf alternating with transformers
+    (race), the ratio then being the median of the pairs' ratios. Every timed run is kept."""
+    if setup.args.vs == "hf":
+        t, th, ratio = race(run_ours, run_hf, setup.args.repeats, trace=trace)
+    else:
+        t, th, ratio = median_time(run_ours, setup.args.repeats, trace=trace), None, None
+    row = {"benchmark": name, "tokens_per_s": tokens / t, "times_s": t.runs, "times_s_median": float(t)}
+    if th is not None:
+        row.update(hf_tokens_per_s=tokens / th, ratio=ratio, hf_times_s=th.runs,
+                   hf_times_s_median=float(th))
+    return row
+
+
 def bench_decode(setup: Setup, peak: float) -> list[dict]:
     import numpy as np
     import torch
@@ -220,20 +269,18 @@ def bench_decode(setup: Setup, peak: float) -> list[dict]:
     for b in batches:
         prompts = np.random.default_rng(0).integers(3, setup.cfg.vocab_size, (b, prompt_len))
         ours = setup.ours()
-        t = median_time(lambda: generate(ours, prompts.tolist(), max_new_tokens=new), setup.args.repeats,
-                        trace=f"decode_b{b}")
-        row = {"benchmark": f"decode b={b}", "tokens_per_s": b * new / t, "times_s": t.runs}
-        row["mfu"] = generate_flops(setup.cfg, b, prompt_len, new) / t / peak  # prefill included
-        if setup.args.vs == "hf":
-            ids = torch.tensor(prompts)
+        ids = torch.tensor(prompts)
 
-            def run_hf():
-                with torch.no_grad():
-                    setup.hf().generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new,
-                                        min_new_tokens=new, do_sample=False, pad_token_id=0)
-            th = median_time(run_hf, setup.args.repeats)
-            row.update(hf_tokens_per_s=b * new / th, ratio=th / t, hf_times_s=th.runs)
-        rows.append(row)
+        def run_ours():
+            generate(ours, prompts.tolist(), max_new_tokens=new)
+
+        def run_hf():
+            with torch.no_grad():
+                setup.hf().generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new,
+                                    min_new_tokens=new, do_sample=False, pad_token_id=0)
+        row = _timed_row(setup, f"decode b={b}", run_ours, run_hf, tokens=b * new, trace=f"decode_b{b}")
+        row["mfu"] = generate_flops(setup.cfg, b, prompt_len, new) / row["times_s_median"] / peak
+        rows.append(row)  # MFU counts the prefill the timed call includes
     return rows
 
 
@@ -247,19 +294,16 @@ def bench_prefill(setup: Setup, peak: float) -> list[dict]:
     t_len = setup.args.prefill_len
     prompt = np.random.default_rng(1).integers(3, setup.cfg.vocab_size, (1, t_len))
     ours = setup.ours()
-    t = median_time(lambda: generate(ours, prompt.tolist(), max_new_tokens=1), setup.args.repeats,
-                    trace="prefill")
-    row = {"benchmark": f"prefill T={t_len}", "tokens_per_s": t_len / t,
-           "mfu": generate_flops(setup.cfg, 1, t_len, 1) / t / peak,
-           "times_s": t.runs}
-    if setup.args.vs == "hf":
-        ids = torch.tensor(prompt)
+    ids = torch.tensor(prompt)
 
-        def run_hf():  # logits for the last position only, as generate() computes
-            with torch.no_grad():
-                setup.hf()(ids, use_cache=True, logits_to_keep=1)
-        th = median_time(run_hf, setup.args.repeats)
-        row.update(hf_tokens_per_s=t_len / th, ratio=th / t, hf_times_s=th.runs)
+    def run_ours():
+        generate(ours, prompt.tolist(), max_new_tokens=1)
+
+    def run_hf():  # logits for the last position only, as generate() computes
+        with torch.no_grad():
+            setup.hf()(ids, use_cache=True, logits_to_keep=1)
+    row = _timed_row(setup, f"prefill T={t_len}", run_ours, run_hf, tokens=t_len, trace="prefill")
+    row["mfu"] = generate_flops(setup.cfg, 1, t_len, 1) / row["times_s_median"] / peak
     return [row]
 
 
@@ -303,11 +347,8 @@ def bench_train(setup: Setup, peak: float) -> list[dict]:
     def run_ours():
         holder[0], metrics = step(holder[0], batch)
         jax.block_until_ready(metrics["loss"])
-    t_ours = median_time(run_ours, setup.args.repeats, trace="train")
-    tokens = rows * seq_len
-    flops = train_flops_per_token(setup.cfg, seq_len) * tokens
-    row = {"benchmark": f"train {rows}x{seq_len}", "tokens_per_s": tokens / t_ours,
-           "mfu": flops / t_ours / peak, "step_s": t_ours, "times_s": t_ours.runs}
+
+    run_hf = None
     if setup.args.vs == "hf":
         import torch
 
@@ -324,9 +365,12 @@ def bench_train(setup: Setup, peak: float) -> list[dict]:
             loss.backward()
             torch.nn.utils.clip_grad_norm_(hf_model.parameters(), 1.0)
             opt.step()
-        t_hf = median_time(run_hf, setup.args.repeats)
-        row.update(hf_tokens_per_s=tokens / t_hf, ratio=t_hf / t_ours, hf_mfu=flops / t_hf / peak,
-                   hf_times_s=t_hf.runs)
+    tokens = rows * seq_len
+    flops = train_flops_per_token(setup.cfg, seq_len) * tokens
+    row = _timed_row(setup, f"train {rows}x{seq_len}", run_ours, run_hf, tokens=tokens, trace="train")
+    row.update(mfu=flops / row["times_s_median"] / peak, step_s=row["times_s_median"])
+    if run_hf is not None:
+        row["hf_mfu"] = flops / row["hf_times_s_median"] / peak
     return [row]
 
 

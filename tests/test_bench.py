@@ -1,5 +1,6 @@
 """experiments/bench.py end to end on the `test` preset: every row carries tokens/s, MFU and the
-transformers ratio, the JSON / PNG outputs are written, and the ratio is the two times' quotient."""
+transformers ratio, the JSON / PNG outputs are written; `race` alternates the two sides and takes the
+median of the pairs' ratios."""
 import json
 import os
 import subprocess
@@ -35,10 +36,10 @@ def test_bench_smoke_against_transformers(tmp_path):
         assert {"tokens_per_s", "hf_tokens_per_s", "ratio", "mfu"} <= set(r), r
         assert r["tokens_per_s"] > 0 and 0 < r["mfu"] < 1.0, r
     for r in rows[:4]:  # every dense benchmark ran against transformers
-        assert abs(r["ratio"] - r["tokens_per_s"] / r["hf_tokens_per_s"]) < 1e-6 * r["ratio"]
-        # every timed run is kept; the ratio is the quotient of their medians
+        # every timed run is kept; with one pair the ratio is that pair's quotient
         assert len(r["times_s"]) == len(r["hf_times_s"]) == 1
         assert abs(r["ratio"] - r["hf_times_s"][0] / r["times_s"][0]) < 1e-6 * r["ratio"]
+        assert abs(r["ratio"] - r["tokens_per_s"] / r["hf_tokens_per_s"]) < 1e-6 * r["ratio"]
     assert "| train 2x16 |" in run.stdout and png.stat().st_size > 1000
 
 
@@ -72,3 +73,29 @@ def test_moe_bench_bad_input_is_one_error_line(argv, message, capsys):
         moe_bench.main(argv)
     assert exit_.value.code == 2
     assert message in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_race_alternates_and_takes_the_median_of_pair_ratios(monkeypatch):
+    """race() calls ours, theirs, ours, theirs ... after warming both up, and its ratio is the
+    median of each pair's quotient, not the quotient of the two medians (they differ here)."""
+    import bench
+
+    clock, calls = [0.0], []
+    ours_times = iter([9.0, 1.0, 2.0, 4.0])     # first: the warm-up
+    theirs_times = iter([9.0, 3.0, 8.0, 4.0])
+
+    def timed(name, times):
+        def fn():
+            calls.append(name)
+            clock[0] += next(times)
+        return fn
+
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: clock[0])
+    monkeypatch.setitem(bench.HOST, "memory_kept", False)
+    t, th, ratio = bench.race(timed("ours", ours_times), timed("theirs", theirs_times), repeats=3)
+    assert calls == ["ours", "theirs"] + ["ours", "theirs"] * 3
+    assert t.runs == (1.0, 2.0, 4.0) and th.runs == (3.0, 8.0, 4.0)
+    assert (t, th) == (2.0, 4.0)
+    assert ratio == 3.0  # pairs 3/1, 8/2, 4/4 -> median 3; the medians' quotient would be 2
+    with pytest.raises(ValueError, match="repeats must be >= 1"):
+        bench.race(lambda: None, lambda: None, repeats=0)
