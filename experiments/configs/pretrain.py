@@ -9,35 +9,46 @@ mistral_7b (TPU pod shapes: Llama 2 §2.2 recipe, 4M-token batches, mesh per pre
 """
 from ml_collections import ConfigDict, config_dict
 
-# Every ModelConfig field but `moe` (a nested config: change it in Python, or pick a MoE preset).
-# The command line can only set fields that exist (lock_config), with the type declared here.
+# Every ModelConfig field, with the type the command line parses it as (lock_config: only fields
+# that exist can be set). sliding_window=0 means full attention (it disables a preset's window).
 MODEL_FIELDS = {
     "vocab_size": int, "d_model": int, "n_layers": int, "n_heads": int, "n_kv_heads": int,
     "head_dim": int, "ffn_hidden": int, "max_seq_len": int, "sliding_window": int,
     "rope_theta": float, "norm_eps": float, "tie_embeddings": bool, "init_std": float,
     "dtype": str, "param_dtype": str, "remat": str,
 }
+# ... and every MoEConfig field, under model.overrides.moe: changes the preset's MoE, or with
+# n_experts makes a dense preset a MoE one (--config.model.overrides.moe.n_experts=8).
+MOE_FIELDS = {
+    "n_experts": int, "top_k": int, "every": int, "capacity_factor": float,
+    "eval_capacity_factor": float, "group_size": int, "dispatch": str, "gate": str,
+    "router_jitter": float, "load_balance_coef": float, "router_z_coef": float,
+}
 
 
 class ModelOverrides(ConfigDict):
-    """ModelConfig fields to change from the preset's: --config.model.overrides.remat=full.
+    """ModelConfig fields to change from the preset's: --config.model.overrides.remat=full,
+    --config.model.overrides.moe.n_experts=16.
 
     Every field is a typed placeholder (None = keep the preset's value) so that it can be set
     from the command line under lock_config; to_dict() leaves the unset ones out, so whatever
     reads the experiment (jaxlm.train.experiment.resolve, jaxlm.train.aot) sees only real
-    overrides. A None can therefore not override a value: sliding_window keeps the preset's.
+    overrides. A None can therefore not override a value: sliding_window=0 is how to turn a
+    preset's window off.
     """
 
     def to_dict(self, visit_map=None, preserve_field_references=False):
         d = super().to_dict(visit_map, preserve_field_references)
-        for key in [k for k, v in d.items() if v is None]:
+        for key in [k for k, v in d.items() if v is None or v == {}]:
             del d[key]  # in place: ConfigDict.to_dict keeps this dict in its visit_map
         return d
 
 
-def model_overrides(**values) -> ModelOverrides:
+def model_overrides(moe: dict | None = None, **values) -> ModelOverrides:
     o = ModelOverrides({k: config_dict.placeholder(t) for k, t in MODEL_FIELDS.items()})
+    o.moe = ModelOverrides({k: config_dict.placeholder(t) for k, t in MOE_FIELDS.items()})
     o.update(values)
+    o.moe.update(moe or {})
     return o
 
 

@@ -166,9 +166,23 @@ class Experiment:
 
 def preset_overrides(c: dict, seq_len: int) -> dict:
     """The ModelConfig fields config.model.overrides sets (None = keep the preset's value: the
-    config declares every field so the CLI can set it), max_seq_len at least seq_len."""
-    overrides = {k: v for k, v in (c["model"].get("overrides") or {}).items() if v is not None}
-    overrides.setdefault("max_seq_len", max(seq_len, get_preset(c["model"]["preset"]).max_seq_len))
+    config declares every field so the CLI can set it), max_seq_len at least seq_len.
+
+    sliding_window=0 turns the preset's window off (full attention). overrides.moe changes the
+    preset's MoEConfig fields, or makes a dense preset a MoE one when it sets n_experts."""
+    set_ = lambda d: {k: v for k, v in (d or {}).items() if v is not None}
+    overrides = set_(c["model"].get("overrides"))
+    preset = get_preset(c["model"]["preset"])
+    moe = set_(overrides.pop("moe", None))
+    if moe:
+        if preset.moe is None and "n_experts" not in moe:
+            raise ValueError(f"config.model.overrides.moe: preset {c['model']['preset']!r} is dense; "
+                             "set config.model.overrides.moe.n_experts too to make it a MoE model")
+        base = preset.moe.to_dict() if preset.moe is not None else {}
+        overrides["moe"] = {**base, **moe}
+    if overrides.get("sliding_window") == 0:
+        overrides["sliding_window"] = None  # 0 = no window: full causal attention
+    overrides.setdefault("max_seq_len", max(seq_len, preset.max_seq_len))
     return overrides
 
 

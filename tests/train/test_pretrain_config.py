@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from jaxlm.config import ModelConfig
+from jaxlm.config import Dispatch, ModelConfig, MoEConfig, get_preset
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG_FILE = ROOT / "experiments" / "configs" / "pretrain.py"
@@ -25,13 +25,52 @@ def configs():
 def test_every_model_field_can_be_overridden():
     fields = {f.name for f in dataclasses.fields(ModelConfig)} - {"moe"}
     assert set(configs().MODEL_FIELDS) == fields
+    assert set(configs().MOE_FIELDS) == {f.name for f in dataclasses.fields(MoEConfig)}
+
+
+def parse(*argv):
+    """The experiment's model config after these command-line flags, as pretrain.py parses them."""
+    from absl import flags
+    from ml_collections import config_flags
+
+    from jaxlm.train.experiment import preset_overrides
+
+    argv = ["pretrain.py", *argv]
+    flag_values = flags.FlagValues()
+    # the config flag reads its overrides from sys.argv (or sys_argv) when --config is parsed
+    config_flags.DEFINE_config_file("config", flag_values=flag_values, sys_argv=argv)
+    flag_values(argv)
+    c = flag_values.config.to_dict()
+    return get_preset(c["model"]["preset"], **preset_overrides(c, c["train"]["seq_len"]))
+
+
+def test_moe_fields_and_window_off_from_the_command_line():
+    base = get_preset("test_moe")
+    model = parse(f"--config={CONFIG_FILE}:test_moe", "--config.model.overrides.moe.n_experts=8",
+                  "--config.model.overrides.moe.dispatch=capacity",
+                  "--config.model.overrides.moe.router_jitter=0.01")
+    assert (model.moe.n_experts, model.moe.dispatch, model.moe.router_jitter) == (8, Dispatch.CAPACITY, 0.01)
+    assert model.moe.top_k == base.moe.top_k and model.moe.every == base.moe.every  # the preset's
+    # a dense preset becomes a MoE one with n_experts (the other fields: MoEConfig's defaults)
+    model = parse(f"--config={CONFIG_FILE}:test", "--config.model.overrides.moe.n_experts=4")
+    assert get_preset("test").moe is None and model.moe == MoEConfig(n_experts=4)
+    with pytest.raises(ValueError, match=r"preset 'test' is dense; set config.model.overrides.moe.n_experts"):
+        parse(f"--config={CONFIG_FILE}:test", "--config.model.overrides.moe.top_k=1")
+    with pytest.raises(ValueError, match="MoEConfig.dispatch"):
+        parse(f"--config={CONFIG_FILE}:test_moe", "--config.model.overrides.moe.dispatch=nope")
+    # sliding_window=0 turns a preset's window off; unset keeps it
+    swa = (f"--config={CONFIG_FILE}:test", "--config.model.preset=test_swa")
+    assert get_preset("test_swa").sliding_window is not None
+    assert parse(*swa).sliding_window == get_preset("test_swa").sliding_window
+    assert parse(*swa, "--config.model.overrides.sliding_window=0").sliding_window is None
+    assert parse(*swa, "--config.model.overrides.sliding_window=4").sliding_window == 4
 
 
 @pytest.mark.parametrize("preset", PRESETS)
 def test_unset_overrides_are_left_out(preset):
     c = configs().get_config(preset)
     overrides = c.to_dict()["model"]["overrides"]
-    assert None not in overrides.values()
+    assert None not in overrides.values() and {} not in overrides.values()
     big = preset.startswith(("llama2", "mistral"))
     assert (overrides.get("dtype"), "remat" in overrides) == (("bfloat16", True) if big else (None, False))
 
