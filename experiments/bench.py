@@ -125,17 +125,20 @@ def _page_faults() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
-def _warm_up(fn) -> None:
-    """One untimed call (compilation, caches); with freed host memory kept, up to SETTLE_CALLS
-    more while the heap still grows."""
-    fn()
+def _warm_up(*fns) -> None:
+    """One untimed call of each (compilation, caches); with freed host memory kept, up to
+    SETTLE_CALLS more rounds of them, in the order they will be timed, while the heap still grows."""
+    for fn in fns:
+        fn()
     if HOST["memory_kept"]:
         # With freed memory kept the heap still grows over the first calls, each growth a burst
         # of first-touch page faults (2-3 s on a train step): warm-up too. Call again, a few
-        # times at most, until a call takes (almost) none.
+        # times at most, until a round takes (almost) none. Alternating calls (race) share one
+        # heap, so they settle together.
         for _ in range(SETTLE_CALLS):
             before = _page_faults()
-            fn()
+            for fn in fns:
+                fn()
             if _page_faults() - before < 1000:
                 break
 
@@ -180,8 +183,7 @@ def race(ours, theirs, repeats: int, trace: str | None = None) -> tuple[Seconds,
     other see the same phase, so each pair's ratio is fairer than medians taken a minute apart."""
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
-    _warm_up(ours)
-    _warm_up(theirs)
+    _warm_up(ours, theirs)
     pairs = [(_timed(ours), _timed(theirs)) for _ in range(repeats)]
     _trace(ours, trace)
     ratio = statistics.median(t_theirs / t_ours for t_ours, t_theirs in pairs)

@@ -109,3 +109,16 @@ def test_mfu_is_rescaled_to_the_better_peak():
     assert bench.rescale_mfu(rows, 100.0, 125.0) == 125.0
     assert rows[1] == {"mfu": None}
     assert [rows[0]["mfu"], rows[0]["hf_mfu"], rows[2]["mfu"]] == pytest.approx([0.64, 0.48, 0.4])
+
+
+def test_race_warm_up_settles_the_shared_heap_in_pairs(monkeypatch):
+    """With freed memory kept, race warms up in (ours, theirs) rounds until a round takes
+    (almost) no page faults, at most SETTLE_CALLS more rounds."""
+    import bench
+
+    calls, faults = [], iter([0, 50_000, 50_000, 50_500, 50_500, 10**9])
+    monkeypatch.setitem(bench.HOST, "memory_kept", True)
+    monkeypatch.setattr(bench, "_page_faults", lambda: next(faults))
+    bench.race(lambda: calls.append("ours"), lambda: calls.append("theirs"), repeats=1)
+    # first round, a growing round (50k faults), a settled one (500), then the timed pair
+    assert calls == ["ours", "theirs"] * 4
