@@ -428,6 +428,8 @@ def bench_moe(setup: Setup, peak: float) -> list[dict]:
                 r.update(hf_tokens_per_s=hf_tps, ratio=r["tokens_per_s"] / hf_tps)
     for r in rows:
         r["benchmark"] = "moe layer: " + r["benchmark"]
+        if r["dispatch"] != "dense":
+            r["benchmark"] += f" ({r['vs_dense']:.2f}× dense time)"
     return rows
 
 

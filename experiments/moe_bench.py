@@ -5,7 +5,9 @@ and tokens/s as the expert count grows at fixed active parameters (should stay n
     python experiments/moe_bench.py --d_model 1024 --ffn 2048 --batch 16 --seq_len 2048 --json out.json
 
 Each row times one training step of one layer (forward + backward through a jitted value_and_grad,
-median of --repeats after a warm-up). MFU = 6 · active layer parameters · tokens / time / peak,
+median of --repeats after a warm-up). Each MoE row is timed alternating with the dense layer, call
+by call, and `vs_dense` is the median of those pairs' time ratios (MoE / dense): the number the
+"dropless <= 1.3x dense" target is about, fair on a machine whose speed drifts. MFU = 6 · active layer parameters · tokens / time / peak,
 the peak being a large f32 matmul measured in this process on CPU (the device table on TPU/GPU;
 printed first). The dispatch einsums / sorts are overhead, not model FLOPs, so they lower MFU
 but not the FLOP count. Rows print as they are measured.
@@ -49,7 +51,8 @@ def bench_moe(*, d_model: int = 256, ffn: int = 512, top_k: int = 2, n_experts: 
               expert_counts=(4, 8, 16, 32), batch: int = 8, seq_len: int = 256,
               capacity_factor: float = 1.25, dtype: str = "float32", repeats: int = 3,
               peak_flops: float | None = None, progress=None) -> list[dict]:
-    """Rows of {benchmark, tokens_per_s, mfu, n_experts, dispatch, step_ms} for one MoE layer.
+    """Rows of {benchmark, tokens_per_s, mfu, n_experts, dispatch, step_ms, vs_dense} for one
+    MoE layer (vs_dense: time / the dense layer's time, median of alternating pairs; 1 for dense).
 
     n_experts: an expert count always in the sweep (bench.py's headline one); progress: called
     with each row as it is measured."""
@@ -57,7 +60,7 @@ def bench_moe(*, d_model: int = 256, ffn: int = 512, top_k: int = 2, n_experts: 
     import numpy as np
     from flax import nnx
 
-    from bench import measured_peak_flops, median_time
+    from bench import _trace, measured_peak_flops, median_time, race
     from jaxlm.config import ModelConfig
     from jaxlm.model.mlp import SwiGLU
     from jaxlm.model.moe import MoE
@@ -70,11 +73,16 @@ def bench_moe(*, d_model: int = 256, ffn: int = 512, top_k: int = 2, n_experts: 
     valid = jnp.ones((batch, seq_len), bool)
 
     def row(name, layer, active_params, **extra):
-        trace = f"moe_dropless_E{extra['n_experts']}" if extra["dispatch"] == "dropless" else None
-        t = median_time(_layer_step(layer, x, valid), repeats, trace=trace)
+        step = _layer_step(layer, x, valid)
+        if dense_step is None:
+            t, vs_dense = median_time(step, repeats), 1.0
+        else:
+            _, t, vs_dense = race(dense_step, step, repeats)  # ratio: MoE time / dense time
+        if extra["dispatch"] == "dropless":
+            _trace(step, f"moe_dropless_E{extra['n_experts']}")
         flops = 6 * active_params * tokens
         out = {"benchmark": name, "tokens_per_s": tokens / t, "mfu": flops / t / peak,
-               "step_ms": 1e3 * t, **extra}
+               "step_ms": 1e3 * t, "vs_dense": vs_dense, **extra}
         if progress:
             progress(out)
         return out
@@ -85,9 +93,10 @@ def bench_moe(*, d_model: int = 256, ffn: int = 512, top_k: int = 2, n_experts: 
         return MoE(cfg, rngs=nnx.Rngs(0))
 
     active = top_k * 3 * d_model * ffn                                    # k experts per token
-    rows = [row(f"dense swiglu F={top_k * ffn}", SwiGLU(base.replace(ffn_hidden=top_k * ffn),
-                                                         rngs=nnx.Rngs(0)),
-                active, n_experts=0, dispatch="dense")]
+    dense = SwiGLU(base.replace(ffn_hidden=top_k * ffn), rngs=nnx.Rngs(0))
+    dense_step = None
+    rows = [row(f"dense swiglu F={top_k * ffn}", dense, active, n_experts=0, dispatch="dense")]
+    dense_step = _layer_step(dense, x, valid)  # every MoE row races it
     for e in sorted({*expert_counts, *([n_experts] if n_experts else [])}):
         for dispatch in ("capacity", "dropless"):
             rows.append(row(f"moe {dispatch} E={e} k={top_k}", moe(e, dispatch),
@@ -123,10 +132,10 @@ def main(argv=None) -> int:
     bench.HOST["memory_kept"] = keep_freed_memory_for_cli(by_default=True)
     peak, peak_source = bench.measured_peak_flops()
     print(f"peak: {peak / 1e9:,.0f} GFLOP/s ({peak_source})")
-    header = f"{'benchmark':28s} {'tokens/s':>10s} {'step ms':>9s} {'MFU':>7s}"
+    header = f"{'benchmark':28s} {'tokens/s':>10s} {'step ms':>9s} {'MFU':>7s} {'vs dense':>9s}"
     print(header, flush=True)
     line = lambda r: print(f"{r['benchmark']:28s} {r['tokens_per_s']:10,.0f} {r['step_ms']:9.1f} "
-                           f"{r['mfu']:7.1%}", flush=True)
+                           f"{r['mfu']:7.1%} {r['vs_dense']:8.2f}x", flush=True)
     rows = bench_moe(d_model=args.d_model, ffn=args.ffn, top_k=args.top_k,
                      expert_counts=args.experts, batch=args.batch, seq_len=args.seq_len,
                      capacity_factor=args.capacity_factor, dtype=args.dtype,

@@ -33,6 +33,10 @@ def test_bench_smoke_against_transformers(tmp_path):
     names = [r["benchmark"] for r in rows]
     assert names[:4] == ["train 2x16", "decode b=1", "decode b=2", "prefill T=16"]
     assert any(n.startswith("moe layer: moe dropless E=8") for n in names)
+    moe = [r for r in rows if r["benchmark"].startswith("moe layer: moe ")]
+    # each MoE row raced the dense layer: its time ratio is in the row and in its name
+    assert moe and all(r["vs_dense"] > 0 and f"({r['vs_dense']:.2f}× dense time)" in r["benchmark"]
+                       for r in moe)
     for r in rows:
         assert {"tokens_per_s", "hf_tokens_per_s", "ratio", "mfu"} <= set(r), r
         assert r["tokens_per_s"] > 0 and 0 < r["mfu"] < 1.0, r
