@@ -24,8 +24,11 @@ pass processes, the output head only where logits are computed, plus attention o
 each query sees; decode counts its prefill) by the time and by a peak measured in this process
 (large f32 matmul, at the start and again at the end, the better one kept; the device table on
 TPU/GPU).
-Output: a Markdown table, --json (one object per row: tokens_per_s, hf_tokens_per_s, ratio, mfu)
-and --plot (bar chart PNG).
+Output: a Markdown table, --json (one object per row: tokens_per_s, hf_tokens_per_s, ratio, mfu;
+train / decode / prefill also every timed run, times_s / hf_times_s, and their medians; MoE rows
+vs_dense, the time ratio to the dense layer) and --plot (bar chart PNG). With alternating pairs
+the ratio is the median of the pairs' ratios, so it can differ a little from the quotient of
+the two tokens/s columns.
 """
 from __future__ import annotations
 
@@ -42,6 +45,10 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, os.path.dirname(__file__))
 
 BENCH_JSON = Path(__file__).resolve().parent / "configs" / "bench.json"
+if __name__ == "__main__":
+    # moe_bench does `import bench`: let it find this module, not load a second copy whose
+    # HOST / PROFILE settings main() never sets (no heap settling, no --profile traces).
+    sys.modules.setdefault("bench", sys.modules[__name__])
 
 
 def positive_int(text: str) -> int:
@@ -177,14 +184,22 @@ def median_time(fn, repeats: int, trace: str | None = None) -> Seconds:
 
 
 def race(ours, theirs, repeats: int, trace: str | None = None) -> tuple[Seconds, Seconds, float]:
-    """Time jaxlm (`ours`) and transformers (`theirs`) alternately, ours then theirs, `repeats`
-    pairs after both warm-ups: (our median, their median, the median of the pairs' ratios
-    their time / our time). This machine drifts by 5-10 % over minutes; two calls next to each
-    other see the same phase, so each pair's ratio is fairer than medians taken a minute apart."""
+    """Time jaxlm (`ours`) and transformers (`theirs`) alternately, `repeats` pairs after both
+    warm-ups: (our median, their median, the median of the pairs' ratios their time / our time).
+    This machine drifts by 5-10 % over minutes; two calls next to each other see the same phase,
+    so each pair's ratio is fairer than medians taken a minute apart. The order within a pair
+    alternates (ours-theirs, theirs-ours, ...), so whatever one call leaves behind for the next
+    (caches, a busy core) falls on both sides alike."""
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
     _warm_up(ours, theirs)
-    pairs = [(_timed(ours), _timed(theirs)) for _ in range(repeats)]
+    pairs = []
+    for i in range(repeats):
+        if i % 2 == 0:
+            pairs.append((_timed(ours), _timed(theirs)))
+        else:
+            t_theirs = _timed(theirs)
+            pairs.append((_timed(ours), t_theirs))
     _trace(ours, trace)
     ratio = statistics.median(t_theirs / t_ours for t_ours, t_theirs in pairs)
     return _seconds([p[0] for p in pairs]), _seconds([p[1] for p in pairs]), ratio
@@ -246,7 +261,7 @@ class Setup:
 def _timed_row(setup: Setup, name: str, run_ours, run_hf, *, tokens: int, trace: str) -> dict:
     """A row's timings: jaxlm alone (median_time), or with --vs hf alternating with transformers
     (race), the ratio then being the median of the pairs' ratios. Every timed run is kept."""
-    if setup.args.vs == "hf":
+    if run_hf is not None:
         t, th, ratio = race(run_ours, run_hf, setup.args.repeats, trace=trace)
     else:
         t, th, ratio = median_time(run_ours, setup.args.repeats, trace=trace), None, None
@@ -259,7 +274,6 @@ def _timed_row(setup: Setup, name: str, run_ours, run_hf, *, tokens: int, trace:
 
 def bench_decode(setup: Setup, peak: float) -> list[dict]:
     import numpy as np
-    import torch
 
     from jaxlm.inference.generate import generate
     from jaxlm.train.metrics import generate_flops
@@ -272,15 +286,20 @@ def bench_decode(setup: Setup, peak: float) -> list[dict]:
     for b in batches:
         prompts = np.random.default_rng(0).integers(3, setup.cfg.vocab_size, (b, prompt_len))
         ours = setup.ours()
-        ids = torch.tensor(prompts)
 
         def run_ours():
             generate(ours, prompts.tolist(), max_new_tokens=new)
 
-        def run_hf():
-            with torch.no_grad():
-                setup.hf().generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new,
-                                    min_new_tokens=new, do_sample=False, pad_token_id=0)
+        run_hf = None
+        if setup.args.vs == "hf":
+            import torch
+
+            ids = torch.tensor(prompts)
+
+            def run_hf():
+                with torch.no_grad():
+                    setup.hf().generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new,
+                                        min_new_tokens=new, do_sample=False, pad_token_id=0)
         row = _timed_row(setup, f"decode b={b}", run_ours, run_hf, tokens=b * new, trace=f"decode_b{b}")
         row["mfu"] = generate_flops(setup.cfg, b, prompt_len, new) / row["times_s_median"] / peak
         rows.append(row)  # MFU counts the prefill the timed call includes
@@ -289,7 +308,6 @@ def bench_decode(setup: Setup, peak: float) -> list[dict]:
 
 def bench_prefill(setup: Setup, peak: float) -> list[dict]:
     import numpy as np
-    import torch
 
     from jaxlm.inference.generate import generate
     from jaxlm.train.metrics import generate_flops
@@ -297,14 +315,19 @@ def bench_prefill(setup: Setup, peak: float) -> list[dict]:
     t_len = setup.args.prefill_len
     prompt = np.random.default_rng(1).integers(3, setup.cfg.vocab_size, (1, t_len))
     ours = setup.ours()
-    ids = torch.tensor(prompt)
 
     def run_ours():
         generate(ours, prompt.tolist(), max_new_tokens=1)
 
-    def run_hf():  # logits for the last position only, as generate() computes
-        with torch.no_grad():
-            setup.hf()(ids, use_cache=True, logits_to_keep=1)
+    run_hf = None
+    if setup.args.vs == "hf":
+        import torch
+
+        ids = torch.tensor(prompt)
+
+        def run_hf():  # logits for the last position only, as generate() computes
+            with torch.no_grad():
+                setup.hf()(ids, use_cache=True, logits_to_keep=1)
     row = _timed_row(setup, f"prefill T={t_len}", run_ours, run_hf, tokens=t_len, trace="prefill")
     row["mfu"] = generate_flops(setup.cfg, 1, t_len, 1) / row["times_s_median"] / peak
     return [row]

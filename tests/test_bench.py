@@ -81,8 +81,8 @@ def test_moe_bench_bad_input_is_one_error_line(argv, message, capsys):
 
 
 def test_race_alternates_and_takes_the_median_of_pair_ratios(monkeypatch):
-    """race() calls ours, theirs, ours, theirs ... after warming both up, and its ratio is the
-    median of each pair's quotient, not the quotient of the two medians (they differ here)."""
+    """race() warms both up, then times pairs in alternating order, and its ratio is the median
+    of each pair's quotient, not the quotient of the two medians (they differ here)."""
     import bench
 
     clock, calls = [0.0], []
@@ -98,7 +98,8 @@ def test_race_alternates_and_takes_the_median_of_pair_ratios(monkeypatch):
     monkeypatch.setattr(bench.time, "perf_counter", lambda: clock[0])
     monkeypatch.setitem(bench.HOST, "memory_kept", False)
     t, th, ratio = bench.race(timed("ours", ours_times), timed("theirs", theirs_times), repeats=3)
-    assert calls == ["ours", "theirs"] + ["ours", "theirs"] * 3
+    # warm-ups, then pairs in alternating order (ABBA...): neither side always runs second
+    assert calls == ["ours", "theirs"] + ["ours", "theirs", "theirs", "ours", "ours", "theirs"]
     assert t.runs == (1.0, 2.0, 4.0) and th.runs == (3.0, 8.0, 4.0)
     assert (t, th) == (2.0, 4.0)
     assert ratio == 3.0  # pairs 3/1, 8/2, 4/4 -> median 3; the medians' quotient would be 2
@@ -126,3 +127,21 @@ def test_race_warm_up_settles_the_shared_heap_in_pairs(monkeypatch):
     bench.race(lambda: calls.append("ours"), lambda: calls.append("theirs"), repeats=1)
     # first round, a growing round (50k faults), a settled one (500), then the timed pair
     assert calls == ["ours", "theirs"] * 4
+
+
+def test_timed_row_without_transformers_has_no_hf_keys(monkeypatch):
+    """--vs none (no run_hf): jaxlm's median alone; the hf columns stay for main() to fill."""
+    import types
+
+    import bench
+
+    clock = [0.0]
+
+    def ours():
+        clock[0] += 2.0
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: clock[0])
+    monkeypatch.setitem(bench.HOST, "memory_kept", False)
+    setup = types.SimpleNamespace(args=types.SimpleNamespace(repeats=3))
+    row = bench._timed_row(setup, "decode b=1", ours, None, tokens=10, trace="x")
+    assert row == {"benchmark": "decode b=1", "tokens_per_s": 5.0, "times_s": (2.0, 2.0, 2.0),
+                   "times_s_median": 2.0}
