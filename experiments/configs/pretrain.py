@@ -17,8 +17,9 @@ MODEL_FIELDS = {
     "rope_theta": float, "norm_eps": float, "tie_embeddings": bool, "init_std": float,
     "dtype": str, "param_dtype": str, "remat": str,
 }
-# ... and every MoEConfig field, under model.overrides.moe: changes the preset's MoE, or with
-# n_experts makes a dense preset a MoE one (--config.model.overrides.moe.n_experts=8).
+# ... and every MoEConfig field, under model.overrides.moe: changes the preset's MoE, with
+# n_experts makes a dense preset a MoE one (--config.model.overrides.moe.n_experts=8), and with
+# n_experts=0 a MoE preset dense.
 MOE_FIELDS = {
     "n_experts": int, "top_k": int, "every": int, "capacity_factor": float,
     "eval_capacity_factor": float, "group_size": int, "dispatch": str, "gate": str,

@@ -169,12 +169,18 @@ def preset_overrides(c: dict, seq_len: int) -> dict:
     config declares every field so the CLI can set it), max_seq_len at least seq_len.
 
     sliding_window=0 turns the preset's window off (full attention). overrides.moe changes the
-    preset's MoEConfig fields, or makes a dense preset a MoE one when it sets n_experts."""
+    preset's MoEConfig fields, makes a dense preset a MoE one when it sets n_experts, and a MoE
+    preset dense with n_experts=0."""
     set_ = lambda d: {k: v for k, v in (d or {}).items() if v is not None}
     overrides = set_(c["model"].get("overrides"))
     preset = get_preset(c["model"]["preset"])
     moe = set_(overrides.pop("moe", None))
-    if moe:
+    if moe.get("n_experts") == 0:  # 0 experts: the dense decoder (a MoE preset's SwiGLU FFN)
+        if len(moe) > 1:
+            raise ValueError("config.model.overrides.moe: n_experts=0 makes the model dense; leave "
+                             f"the other MoE fields unset (got {sorted(set(moe) - {'n_experts'})})")
+        overrides["moe"] = None
+    elif moe:
         if preset.moe is None and "n_experts" not in moe:
             raise ValueError(f"config.model.overrides.moe: preset {c['model']['preset']!r} is dense; "
                              "set config.model.overrides.moe.n_experts too to make it a MoE model")

@@ -56,6 +56,12 @@ def test_moe_fields_and_window_off_from_the_command_line():
     assert get_preset("test").moe is None and model.moe == MoEConfig(n_experts=4)
     with pytest.raises(ValueError, match=r"preset 'test' is dense; set config.model.overrides.moe.n_experts"):
         parse(f"--config={CONFIG_FILE}:test", "--config.model.overrides.moe.top_k=1")
+    # ... and n_experts=0 makes a MoE preset dense (other MoE fields then are an error)
+    dense = parse(f"--config={CONFIG_FILE}:test_moe", "--config.model.overrides.moe.n_experts=0")
+    assert dense.moe is None and dense.ffn_hidden == base.ffn_hidden
+    with pytest.raises(ValueError, match="n_experts=0 makes the model dense"):
+        parse(f"--config={CONFIG_FILE}:test_moe", "--config.model.overrides.moe.n_experts=0",
+              "--config.model.overrides.moe.top_k=1")
     with pytest.raises(ValueError, match="MoEConfig.dispatch"):
         parse(f"--config={CONFIG_FILE}:test_moe", "--config.model.overrides.moe.dispatch=nope")
     # sliding_window=0 turns a preset's window off; unset keeps it
