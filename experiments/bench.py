@@ -25,8 +25,8 @@ each query sees; decode counts its prefill) by the time and by a peak measured i
 (large f32 matmul, at the start and again at the end, the better one kept; the device table on
 TPU/GPU).
 Output: a Markdown table, --json (one object per row: tokens_per_s, hf_tokens_per_s, ratio, mfu;
-train / decode / prefill also every timed run, times_s / hf_times_s, and their medians; MoE rows
-vs_dense, the time ratio to the dense layer) and --plot (bar chart PNG). With alternating pairs
+train / decode / prefill also every timed run, times_s / hf_times_s, and transformers' MFU,
+hf_mfu; MoE rows vs_dense, the time ratio to the dense layer) and --plot (bar chart PNG). With alternating pairs
 the ratio is the median of the pairs' ratios, so it can differ a little from the quotient of
 the two tokens/s columns.
 """
@@ -258,17 +258,19 @@ class Setup:
         return self._ours
 
 
-def _timed_row(setup: Setup, name: str, run_ours, run_hf, *, tokens: int, trace: str) -> dict:
-    """A row's timings: jaxlm alone (median_time), or with --vs hf alternating with transformers
-    (race), the ratio then being the median of the pairs' ratios. Every timed run is kept."""
+def _timed_row(setup: Setup, name: str, run_ours, run_hf, *, tokens: int, flops: float,
+               peak: float, trace: str) -> dict:
+    """A row: jaxlm timed alone (median_time), or with --vs hf alternating with transformers
+    (race), the ratio then being the median of the pairs' ratios. Every timed run is kept; MFU
+    is `flops` per call over the median time and the peak."""
     if run_hf is not None:
         t, th, ratio = race(run_ours, run_hf, setup.args.repeats, trace=trace)
     else:
         t, th, ratio = median_time(run_ours, setup.args.repeats, trace=trace), None, None
-    row = {"benchmark": name, "tokens_per_s": tokens / t, "times_s": t.runs, "times_s_median": float(t)}
+    row = {"benchmark": name, "tokens_per_s": tokens / t, "mfu": flops / t / peak, "times_s": t.runs}
     if th is not None:
-        row.update(hf_tokens_per_s=tokens / th, ratio=ratio, hf_times_s=th.runs,
-                   hf_times_s_median=float(th))
+        row.update(hf_tokens_per_s=tokens / th, ratio=ratio, hf_mfu=flops / th / peak,
+                   hf_times_s=th.runs)
     return row
 
 
@@ -300,9 +302,9 @@ def bench_decode(setup: Setup, peak: float) -> list[dict]:
                 with torch.no_grad():
                     setup.hf().generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new,
                                         min_new_tokens=new, do_sample=False, pad_token_id=0)
-        row = _timed_row(setup, f"decode b={b}", run_ours, run_hf, tokens=b * new, trace=f"decode_b{b}")
-        row["mfu"] = generate_flops(setup.cfg, b, prompt_len, new) / row["times_s_median"] / peak
-        rows.append(row)  # MFU counts the prefill the timed call includes
+        rows.append(_timed_row(setup, f"decode b={b}", run_ours, run_hf, tokens=b * new,
+                               flops=generate_flops(setup.cfg, b, prompt_len, new),  # + prefill
+                               peak=peak, trace=f"decode_b{b}"))
     return rows
 
 
@@ -328,9 +330,8 @@ def bench_prefill(setup: Setup, peak: float) -> list[dict]:
         def run_hf():  # logits for the last position only, as generate() computes
             with torch.no_grad():
                 setup.hf()(ids, use_cache=True, logits_to_keep=1)
-    row = _timed_row(setup, f"prefill T={t_len}", run_ours, run_hf, tokens=t_len, trace="prefill")
-    row["mfu"] = generate_flops(setup.cfg, 1, t_len, 1) / row["times_s_median"] / peak
-    return [row]
+    return [_timed_row(setup, f"prefill T={t_len}", run_ours, run_hf, tokens=t_len,
+                       flops=generate_flops(setup.cfg, 1, t_len, 1), peak=peak, trace="prefill")]
 
 
 def train_batch(vocab: int, rows: int, seq_len: int, seed: int = 2) -> dict:
@@ -393,11 +394,9 @@ def bench_train(setup: Setup, peak: float) -> list[dict]:
             opt.step()
     tokens = rows * seq_len
     flops = train_flops_per_token(setup.cfg, seq_len) * tokens
-    row = _timed_row(setup, f"train {rows}x{seq_len}", run_ours, run_hf, tokens=tokens, trace="train")
-    row.update(mfu=flops / row["times_s_median"] / peak, step_s=row["times_s_median"])
-    if run_hf is not None:
-        row["hf_mfu"] = flops / row["hf_times_s_median"] / peak
-    return [row]
+    row = _timed_row(setup, f"train {rows}x{seq_len}", run_ours, run_hf, tokens=tokens,
+                     flops=flops, peak=peak, trace="train")
+    return [{**row, "step_s": tokens / row["tokens_per_s"]}]
 
 
 def _with_config(model, **changes):

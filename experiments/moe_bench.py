@@ -72,9 +72,8 @@ def bench_moe(*, d_model: int = 256, ffn: int = 512, top_k: int = 2, n_experts: 
     x = jnp.asarray(np.random.default_rng(0).normal(size=(batch, seq_len, d_model)), base.compute_dtype)
     valid = jnp.ones((batch, seq_len), bool)
 
-    def row(name, layer, active_params, **extra):
-        step = _layer_step(layer, x, valid)
-        if dense_step is None:
+    def row(name, step, active_params, **extra):
+        if extra["dispatch"] == "dense":
             t, vs_dense = median_time(step, repeats), 1.0
         else:
             _, t, vs_dense = race(dense_step, step, repeats)  # ratio: MoE time / dense time
@@ -93,13 +92,12 @@ def bench_moe(*, d_model: int = 256, ffn: int = 512, top_k: int = 2, n_experts: 
         return MoE(cfg, rngs=nnx.Rngs(0))
 
     active = top_k * 3 * d_model * ffn                                    # k experts per token
-    dense = SwiGLU(base.replace(ffn_hidden=top_k * ffn), rngs=nnx.Rngs(0))
-    dense_step = None
-    rows = [row(f"dense swiglu F={top_k * ffn}", dense, active, n_experts=0, dispatch="dense")]
-    dense_step = _layer_step(dense, x, valid)  # every MoE row races it
+    # timed alone, then raced by every MoE row
+    dense_step = _layer_step(SwiGLU(base.replace(ffn_hidden=top_k * ffn), rngs=nnx.Rngs(0)), x, valid)
+    rows = [row(f"dense swiglu F={top_k * ffn}", dense_step, active, n_experts=0, dispatch="dense")]
     for e in sorted({*expert_counts, *([n_experts] if n_experts else [])}):
         for dispatch in ("capacity", "dropless"):
-            rows.append(row(f"moe {dispatch} E={e} k={top_k}", moe(e, dispatch),
+            rows.append(row(f"moe {dispatch} E={e} k={top_k}", _layer_step(moe(e, dispatch), x, valid),
                             active + d_model * e, n_experts=e, dispatch=dispatch))
     return rows
 

@@ -142,6 +142,7 @@ def test_timed_row_without_transformers_has_no_hf_keys(monkeypatch):
     monkeypatch.setattr(bench.time, "perf_counter", lambda: clock[0])
     monkeypatch.setitem(bench.HOST, "memory_kept", False)
     setup = types.SimpleNamespace(args=types.SimpleNamespace(repeats=3))
-    row = bench._timed_row(setup, "decode b=1", ours, None, tokens=10, trace="x")
-    assert row == {"benchmark": "decode b=1", "tokens_per_s": 5.0, "times_s": (2.0, 2.0, 2.0),
-                   "times_s_median": 2.0}
+    row = bench._timed_row(setup, "decode b=1", ours, None, tokens=10, flops=100.0, peak=200.0,
+                           trace="x")
+    assert row == {"benchmark": "decode b=1", "tokens_per_s": 5.0, "mfu": 0.25,
+                   "times_s": (2.0, 2.0, 2.0)}
