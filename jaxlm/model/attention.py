@@ -13,6 +13,7 @@ import numpy as np
 from flax import nnx
 
 from jaxlm.config import ModelConfig
+from jaxlm.kernels.matvec import weight_einsum
 from jaxlm.model.layers import make_param, rope
 from jaxlm.sharding import constrain, is_split
 
@@ -303,7 +304,7 @@ class Attention(nnx.Module):
             q, k = rope(q, positions, self.cfg.rope_theta), rope(k, positions, self.cfg.rope_theta)
         else:
             w = jnp.concatenate([self.q[...], self.k[...], self.v[...]], axis=1).astype(dt)
-            qkv = jnp.einsum("BTD,DJH->BTJH", x, w)                      # J = N + 2K heads
+            qkv = weight_einsum("BTD,DJH->BTJH", x, w)                   # J = N + 2K heads
             qk = rope(qkv[:, :, : n + kv], positions, self.cfg.rope_theta)  # q and k heads alike
             q, k, v = qk[:, :, :n], qk[:, :, n:], qkv[:, :, n + kv:]
         q = constrain(q, ("activation_batch", "activation_length", "activation_heads", None))
@@ -348,7 +349,7 @@ class Attention(nnx.Module):
         # in decode and transposed the whole [N, H, D] weight every layer, every token.
         b, t, n, h = out.shape
         w_o = self.o[...].astype(dt).reshape(n * h, -1)
-        out = jnp.einsum("BTI,ID->BTD", out.reshape(b, t, n * h), w_o)  # I = (N, H) flattened
+        out = weight_einsum("BTI,ID->BTD", out.reshape(b, t, n * h), w_o)  # I = (N, H) flat
         if cache is None:
             return out
         return out, tuple(c.reshape(s.shape) for c, s in zip(new_cache, stored))

@@ -6,6 +6,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxlm.config import ModelConfig
+from jaxlm.kernels.matvec import weight_einsum
 from jaxlm.model.layers import make_param
 from jaxlm.sharding import constrain
 
@@ -42,10 +43,10 @@ def swiglu(x: jax.Array, gate: jax.Array, up: jax.Array, down: jax.Array) -> jax
 
 
 def _swiglu_fwd(x, gate, up, down):
-    g = jnp.einsum("BTD,DF->BTF", x, gate)
-    u = jnp.einsum("BTD,DF->BTF", x, up)
+    g = weight_einsum("BTD,DF->BTF", x, gate)
+    u = weight_einsum("BTD,DF->BTF", x, up)
     hidden = constrain(jax.nn.silu(g) * u, HIDDEN)
-    return jnp.einsum("BTF,FD->BTD", hidden, down), (x, gate, up, down, g, u)
+    return weight_einsum("BTF,FD->BTD", hidden, down), (x, gate, up, down, g, u)
 
 
 def _swiglu_bwd(res, dy):
