@@ -569,6 +569,23 @@ def plot(rows: list[dict], path: str) -> None:
     fig.savefig(path, dpi=120)
 
 
+def matvec_state() -> str:
+    """Whether decode at batch 1 runs on jaxlm's CPU matvec kernel: on, off, or not-cpu. A bad
+    JAXLM_CPU_MATVEC is one error line (exit 2); building the kernel happens here, not mid-row."""
+    import jax
+
+    from jaxlm.kernels import matvec
+
+    try:
+        matvec.mode()
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    if jax.default_backend() != "cpu":
+        return "not-cpu"
+    return "on" if matvec.available() else "off"
+
+
 def main(argv=None) -> int:
     from jaxlm.hostmem import keep_freed_memory_for_cli
 
@@ -578,6 +595,7 @@ def main(argv=None) -> int:
     host_malloc = "kept" if keep_freed_memory_for_cli(by_default=True) else "default"
     args = parse_args(argv)
     HOST["memory_kept"] = host_malloc == "kept"
+    cpu_matvec = matvec_state()
     flags = [args.xla_flags] + ([f"--xla_dump_to={args.xla_dump}"] if args.xla_dump else [])
     os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""), *flags]).strip()
     PROFILE["dir"] = args.profile
@@ -599,9 +617,11 @@ def main(argv=None) -> int:
         peak_source += f", best of {peaks[0] / 1e9:,.0f} at start and {peaks[1] / 1e9:,.0f} at end"
     print(markdown(rows, peak, peak_source))
     print(f"host malloc: freed memory {host_malloc} (jaxlm.hostmem; JAXLM_HOST_MALLOC=0|1)")
+    print(f"batch-1 matvec kernel: {cpu_matvec} (jaxlm.kernels.matvec; JAXLM_CPU_MATVEC=0|1)")
     if args.json:
         Path(args.json).write_text(json.dumps({"peak_flops": peak, "peak_source": peak_source,
                                                "host_malloc": host_malloc,
+                                               "cpu_matvec": cpu_matvec,
                                                "results": rows}, indent=2) + "\n")
     if args.plot:
         plot(rows, args.plot)

@@ -51,6 +51,9 @@ def main(argv=None) -> int:
 
     keep_freed_memory_for_cli(by_default=False)  # JAXLM_HOST_MALLOC=1: see jaxlm.hostmem
     try:
+        from jaxlm.kernels.matvec import mode
+
+        mode()  # a bad JAXLM_CPU_MATVEC is one error line before the checkpoint loads
         return run(args)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -27,6 +27,7 @@ def test_bench_smoke_against_transformers(tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     result = json.loads(out.read_text())
     assert result["host_malloc"] == ("kept" if is_glibc() else "default")  # jaxlm.hostmem, forced on
+    assert result["cpu_matvec"] == "on"  # decode b=1 ran on jaxlm.kernels.matvec
     assert result["peak_source"].startswith("measured f32 matmul") and result["peak_flops"] > 0
     assert "at start and" in result["peak_source"]  # measured again after the suite, the best kept
     rows = result["results"]
@@ -146,3 +147,18 @@ def test_timed_row_without_transformers_has_no_hf_keys(monkeypatch):
                            trace="x")
     assert row == {"benchmark": "decode b=1", "tokens_per_s": 5.0, "mfu": 0.25,
                    "times_s": (2.0, 2.0, 2.0)}
+
+
+def test_bench_bad_matvec_setting_is_one_error_line(monkeypatch, capsys):
+    import bench
+
+    monkeypatch.setenv("JAXLM_CPU_MATVEC", "fast")
+    with pytest.raises(SystemExit) as exit_:
+        bench.matvec_state()
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.strip() == \
+        "error: JAXLM_CPU_MATVEC must be auto, 0 or 1, got 'fast'"
+    monkeypatch.setenv("JAXLM_CPU_MATVEC", "0")
+    assert bench.matvec_state() == "off"
+    monkeypatch.setenv("JAXLM_CPU_MATVEC", "auto")
+    assert bench.matvec_state() == "on"

@@ -111,6 +111,14 @@ def test_bad_sampling_flags_are_one_line_naming_the_flag(flags, message, constan
     assert message in err and len(err.strip().splitlines()) == 1
 
 
+def test_bad_matvec_setting_is_one_line_before_loading(constant_checkpoint, generate_cli,
+                                                       monkeypatch, capsys):
+    monkeypatch.setenv("JAXLM_CPU_MATVEC", "on")
+    assert generate_cli.main(["--checkpoint", str(constant_checkpoint(5)), "--prompt", PROMPT]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == "error: JAXLM_CPU_MATVEC must be auto, 0 or 1, got 'on'"  # no "loading"
+
+
 def test_top_k_larger_than_the_vocabulary_samples(constant_checkpoint, generate_cli, capsys):
     assert generate_cli.main(["--checkpoint", str(constant_checkpoint(5)), "--prompt_ids", "1,5",
                               "--temperature", "1", "--top_k", "100000", "--max_new_tokens", "2",
