@@ -595,9 +595,9 @@ def main(argv=None) -> int:
     host_malloc = "kept" if keep_freed_memory_for_cli(by_default=True) else "default"
     args = parse_args(argv)
     HOST["memory_kept"] = host_malloc == "kept"
-    cpu_matvec = matvec_state()
     flags = [args.xla_flags] + ([f"--xla_dump_to={args.xla_dump}"] if args.xla_dump else [])
     os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""), *flags]).strip()
+    cpu_matvec = matvec_state()  # starts JAX's backend, which reads XLA_FLAGS: after them
     PROFILE["dir"] = args.profile
     setup = Setup(args)
     peak, peak_source = measured_peak_flops()

@@ -162,3 +162,14 @@ def test_bench_bad_matvec_setting_is_one_error_line(monkeypatch, capsys):
     assert bench.matvec_state() == "off"
     monkeypatch.setenv("JAXLM_CPU_MATVEC", "auto")
     assert bench.matvec_state() == "on"
+
+
+def test_bench_xla_flags_reach_xla(tmp_path):
+    """--xla_dump (and --xla_flags) go into XLA_FLAGS before anything starts JAX's backend."""
+    dump = tmp_path / "hlo"
+    cmd = [sys.executable, f"{ROOT}/experiments/bench.py", "decode", "--preset", "test",
+           "--repeats", "1", "--batches", "1", "--new_tokens", "2", "--prompt_len", "4",
+           "--xla_dump", str(dump)]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert any(dump.glob("*generate*")), sorted(p.name for p in dump.iterdir())[:10]

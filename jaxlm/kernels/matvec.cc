@@ -14,6 +14,7 @@
 #include <cstdint>
 #include <cstring>
 #include <memory>
+#include <thread>
 #include <vector>
 
 #if defined(__x86_64__) || defined(__i386__)
@@ -62,7 +63,9 @@ struct Call {
   std::vector<float> acc;                      // [parts, n]
   std::unique_ptr<std::atomic<int>[]> status;  // per block
 
-  void run(int p) { accumulate_rows(x, w, k * p / parts, k * (p + 1) / parts, n, &acc[p * n]); }
+  void run(int p) {
+    accumulate_rows(x, w, k * p / parts, k * (p + 1) / parts, n, acc.data() + p * n);
+  }
   bool claim(int p) {
     int expected = kPending;
     return status[p].compare_exchange_strong(expected, kClaimed, std::memory_order_acq_rel);
@@ -107,14 +110,18 @@ ffi::Error MatVec(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi
     if (call->claim(p)) {
       call->run(p);  // its task has not started: do it here
     } else {
-      while (call->status[p].load(std::memory_order_acquire) != kDone) spin_pause();
+      // The block is running on a pool thread: wait, giving the core away now and then in
+      // case that thread shares it with us (more threads than cores).
+      for (int spins = 1; call->status[p].load(std::memory_order_acquire) != kDone; ++spins) {
+        if (spins % 1024 == 0) std::this_thread::yield(); else spin_pause();
+      }
     }
   }
 
   float* out = y->typed_data();
   std::memcpy(out, call->acc.data(), n * sizeof(float));
   for (int p = 1; p < parts; ++p) {
-    const float* a = &call->acc[p * n];
+    const float* a = call->acc.data() + p * n;
     for (int64_t j = 0; j < n; ++j) out[j] += a[j];
   }
   return ffi::Error::Success();

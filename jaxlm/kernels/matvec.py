@@ -16,9 +16,9 @@ sharding rule). Everything else - training, prefill, batch > 1, bf16, TPU/GPU - 
 Gradients through it are exact (a custom JVP in einsums), so it never blocks autodiff.
 
 Build: on first use, with the system C++ compiler (`$CXX`, else `c++`) against the XLA FFI
-headers that jaxlib ships (`jax.ffi.include_dir()`), into `$JAXLM_CACHE_DIR` (default
-`~/.cache/jaxlm`), named by a hash of the source, jaxlib's version, the compiler and this CPU's
-flags (the build is `-march=native`); ~3 s once per machine. No compiler, or a failed build: one
+headers that jaxlib ships (`jax.ffi.include_dir()`), into `$JAXLM_CACHE_DIR/kernels` (default
+`~/.cache/jaxlm/kernels`), named by a hash of the source, jaxlib's version, the compiler command
+and flags, and this CPU's flags (the build is `-march=native`); ~3 s once per machine. No compiler, or a failed build: one
 warning, and `jnp.einsum` as before. JAXLM_CPU_MATVEC=0 turns the kernel off, =1 makes a failed
 build an error, auto (default) is the above.
 """
@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import math
 import os
 import platform
 import shlex
@@ -89,15 +90,20 @@ def build() -> Path:
     os.close(fd)
     cmd = [*_compiler(), *FLAGS, f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", tmp]
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    except (OSError, subprocess.TimeoutExpired) as e:
-        os.unlink(tmp)
-        raise RuntimeError(f"could not run the C++ compiler {cmd[0]!r} ({e})") from None
-    if proc.returncode != 0:
-        os.unlink(tmp)
-        last = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
-        raise RuntimeError(f"{shlex.join(cmd[:2])} ... failed: {last}")
-    os.replace(tmp, out)
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        except (OSError, subprocess.TimeoutExpired) as e:
+            raise RuntimeError(f"could not run the C++ compiler {cmd[0]!r} ({e})") from None
+        if proc.returncode != 0:
+            last = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
+            raise RuntimeError(f"{shlex.join(cmd[:2])} ... failed: {last}")
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o755 & ~umask)  # mkstemp made it 0600: readable like any built library
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):  # a failed or interrupted build leaves nothing behind
+            os.unlink(tmp)
     return out
 
 
@@ -136,20 +142,29 @@ def _matvec_jvp(primals, tangents):
     return matvec(x, w), jnp.einsum("K,KN->N", dx, w) + jnp.einsum("K,KN->N", x, dw)
 
 
-def _plain_product(spec: str) -> bool:
-    """`spec` is x[..., K] @ w[K, ...]: x's last letter is w's first, the only one contracted,
-    and the output is x's other letters then w's."""
+def _plain_product(spec: str, x_ndim: int, w_ndim: int) -> bool:
+    """`spec` is x[..., K] @ w[K, ...] with distinct letters (no diagonal, no ellipsis): x's last
+    letter is w's first, the only one they share, and the output is x's other letters then w's."""
     inputs, _, out = spec.replace(" ", "").partition("->")
     lhs, _, rhs = inputs.partition(",")
-    return (len(lhs) >= 1 and len(rhs) >= 2 and lhs[-1] == rhs[0]
-            and not set(lhs[:-1]) & set(rhs) and out == lhs[:-1] + rhs[1:])
+    return (lhs.isalpha() and rhs.isalpha() and len(set(lhs)) == len(lhs) == x_ndim
+            and len(set(rhs)) == len(rhs) == w_ndim >= 2 and lhs[-1] == rhs[0]
+            and not set(lhs) & set(rhs[1:]) and out == lhs[:-1] + rhs[1:])
 
 
-def applies(spec: str, x: jax.Array, w: jax.Array) -> bool:
-    """Whether `weight_einsum(spec, x, w)` runs on the kernel (decided when tracing)."""
-    if x.dtype != jnp.float32 or w.dtype != jnp.float32 or x.size != x.shape[-1]:
+def applies(spec: str, x: jax.Array, w: jax.Array, **kwargs) -> bool:
+    """Whether `weight_einsum(spec, x, w, **kwargs)` runs on the kernel (decided when tracing;
+    a jitted function keeps its choice, so set JAXLM_CPU_MATVEC before the first call)."""
+    if x.dtype != jnp.float32 or w.dtype != jnp.float32 or not _plain_product(spec, x.ndim, w.ndim):
         return False
-    if jax.default_backend() != "cpu" or not _plain_product(spec):
+    if math.prod(x.shape[:-1]) != 1 or x.shape[-1] == 0 or w.shape[0] != x.shape[-1]:
+        return False  # more than one row (a GEMM), nothing to contract, or broadcasting
+    if set(kwargs) - {"preferred_element_type"} or kwargs.get("preferred_element_type") not in (
+            None, jnp.float32):
+        return False  # precision=, out_sharding=, another result type: jnp.einsum's business
+    # The backend JAX computes on by default: lowering for another platform from a CPU host
+    # (an AOT export at batch 1) would need JAXLM_CPU_MATVEC=0.
+    if jax.default_backend() != "cpu":
         return False
     mesh = jax.sharding.get_abstract_mesh()
     if not mesh.empty and mesh.size > 1:
@@ -159,10 +174,10 @@ def applies(spec: str, x: jax.Array, w: jax.Array) -> bool:
 
 def weight_einsum(spec: str, x: jax.Array, w: jax.Array, **kwargs) -> jax.Array:
     """`jnp.einsum(spec, x, w, **kwargs)` for an activation x and a weight w; at batch 1 on CPU
-    (see the module docstring) the kernel computes it."""
-    if not applies(spec, x, w):
+    (see the module docstring) the kernel computes it. Under `jax.vmap` each example is one row,
+    so the kernel runs once per example (correct, but a batched call should not be vmapped)."""
+    if not applies(spec, x, w, **kwargs):
         return jnp.einsum(spec, x, w, **kwargs)
     k = x.shape[-1]
     y = matvec(x.reshape(k), w.reshape(k, -1))
-    return y.reshape(*x.shape[:-1], *w.shape[1:]).astype(kwargs.get("preferred_element_type")
-                                                          or jnp.float32)
+    return y.reshape(*x.shape[:-1], *w.shape[1:])

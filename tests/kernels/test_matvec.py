@@ -1,5 +1,6 @@
 """The batch-1 CPU matvec kernel: its results against NumPy, its gradients against jnp.einsum,
 when `weight_einsum` routes to it, its build failures, and that decode actually runs on it."""
+import os
 import re
 
 import jax
@@ -54,6 +55,37 @@ def test_routes_only_single_row_float32_plain_products():
         assert not mv.applies("BTD,DJH->BTJH", x1, w)
 
 
+@pytest.mark.parametrize("spec, x_shape, w_shape, kwargs", [
+    ("D,DD->D", (4,), (4, 4), {}),                       # repeated letter: einsum's diagonal
+    ("BD,DD->BD", (1, 4), (4, 4), {}),
+    ("...D,DV->...V", (1, 4), (4, 3), {}),               # ellipsis
+    ("BTD,DV->BTV", (2, 3, 0), (0, 5), {}),              # nothing to contract
+    ("TD,DV->TV", (1, 8), (1, 5), {}),                   # w broadcast along K
+    ("TD,DV->TV", (1, 8), (8, 5), {"precision": "highest"}),
+    ("TD,DV->TV", (1, 8), (8, 5), {"preferred_element_type": jnp.bfloat16}),
+])
+def test_everything_else_is_jnp_einsum(spec, x_shape, w_shape, kwargs):
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal(x_shape), jnp.float32)
+    w = jnp.asarray(rng.standard_normal(w_shape), jnp.float32)
+    assert not mv.applies(spec, x, w, **kwargs)
+    got = jax.jit(lambda x, w: mv.weight_einsum(spec, x, w, **kwargs))(x, w)
+    want = jnp.einsum(spec, x, w, **kwargs)
+    assert got.dtype == want.dtype and got.shape == want.shape
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), rtol=1e-6)
+
+
+def test_many_products_at_once_on_the_thread_pool():
+    """Sixteen independent products in one program, which XLA may run side by side: each
+    call's blocks, claimed by its caller or by pool threads, add up to NumPy's result."""
+    rng = np.random.default_rng(7)
+    xs = [rng.standard_normal(300).astype(np.float32) for _ in range(16)]
+    ws = [rng.standard_normal((300, 50 + i)).astype(np.float32) for i in range(16)]
+    got = jax.jit(lambda xs, ws: [mv.matvec(x, w) for x, w in zip(xs, ws)])(xs, ws)
+    for x, w, g in zip(xs, ws, got):
+        np.testing.assert_allclose(g, x.astype(np.float64) @ w, rtol=1e-5, atol=1e-4)
+
+
 def test_weight_einsum_equals_einsum_with_gradients():
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.standard_normal((1, 1, 40)), jnp.float32)
@@ -65,9 +97,8 @@ def test_weight_einsum_equals_einsum_with_gradients():
     np.testing.assert_allclose(jax.jit(ours)(x, w), ref(x, w), rtol=1e-5)
     for g, r in zip(jax.grad(ours, (0, 1))(x, w), jax.grad(ref, (0, 1))(x, w)):
         np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5)
-    # preferred_element_type still sets the result dtype
-    assert mv.weight_einsum("BTD,DV->BTV", x, w[:, 0], preferred_element_type=jnp.float32).dtype \
-        == jnp.float32
+    head = lambda x, w: mv.weight_einsum("BTD,DV->BTV", x, w, preferred_element_type=jnp.float32)
+    assert kernel_calls(lowered(head, x, w[:, 0])) == 1  # as the output head asks for it
 
 
 def test_switched_off_and_bad_setting(monkeypatch):
@@ -98,6 +129,17 @@ def test_failed_build_warns_once_and_falls_back(monkeypatch, tmp_path):
     with pytest.raises(RuntimeError, match="failed: matvec.cc:1: error: something broke"):
         mv.build()
     assert not list(tmp_path.glob("kernels/*.so"))  # no half-written library left behind
+
+
+def test_built_library_is_readable_by_others(monkeypatch, tmp_path):
+    monkeypatch.setenv("JAXLM_CACHE_DIR", str(tmp_path))
+    old = os.umask(0o022)
+    try:
+        lib = mv.build()
+    finally:
+        os.umask(old)
+    assert lib.stat().st_mode & 0o777 == 0o755  # a shared cache: other users can load it
+    assert [p.name for p in lib.parent.iterdir()] == [lib.name]
 
 
 def _decode_program(model, batch):
