@@ -9,6 +9,10 @@ The tokenizer is DIR/tokenizer.model unless --tokenizer is given. --prompt_ids w
 but uses it when present: generation stops at its eos and never samples padded-vocab ids.
 Sliding-window models decode with Mistral's rolling-buffer cache; long prompts are prefilled in
 chunks of --prefill_chunk tokens (default: the window).
+
+On a CPU, one prompt at a time (batch 1) decodes through jaxlm's matrix-vector kernel, built on
+first use with the system c++ (jaxlm/kernels/matvec.py; JAXLM_CPU_MATVEC=0 turns it off, =1 makes
+a failed build an error). JAXLM_HOST_MALLOC=1 keeps freed host memory (jaxlm/hostmem.py).
 """
 from __future__ import annotations
 
