@@ -7,7 +7,8 @@
 //
 // How: the K rows of W are split into contiguous blocks, one per participant (the calling thread
 // and one task per extra thread of XLA's intra-op pool), so each participant streams one block
-// front to back into its own [N] accumulator; the caller then adds the accumulators. A block
+// front to back into its own [N] accumulator (the caller's is y itself); the caller then adds the
+// others into y. A block
 // whose task has not started when the caller finishes its own is claimed and run by the caller,
 // so a busy pool delays the call but can never deadlock it.
 #include <atomic>
@@ -15,7 +16,6 @@
 #include <cstring>
 #include <memory>
 #include <thread>
-#include <vector>
 
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
@@ -60,12 +60,12 @@ struct Call {
   const float* w;
   int64_t k, n;
   int parts;
-  std::vector<float> acc;                      // [parts, n]
+  float* y;                                    // block 0's accumulator: the result itself
+  std::unique_ptr<float[]> acc;                // [parts - 1, n]: blocks 1.., written before read
   std::unique_ptr<std::atomic<int>[]> status;  // per block
 
-  void run(int p) {
-    accumulate_rows(x, w, k * p / parts, k * (p + 1) / parts, n, acc.data() + p * n);
-  }
+  float* out(int p) { return p == 0 ? y : acc.get() + (p - 1) * n; }
+  void run(int p) { accumulate_rows(x, w, k * p / parts, k * (p + 1) / parts, n, out(p)); }
   bool claim(int p) {
     int expected = kPending;
     return status[p].compare_exchange_strong(expected, kClaimed, std::memory_order_acq_rel);
@@ -93,7 +93,8 @@ ffi::Error MatVec(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi
   call->k = k;
   call->n = n;
   call->parts = static_cast<int>(parts);
-  call->acc.resize(static_cast<size_t>(parts * n));
+  call->y = y->typed_data();
+  call->acc.reset(new float[(parts - 1) * n]);  // uninitialised: accumulate_rows zeroes each block
   call->status.reset(new std::atomic<int>[parts]);
   for (int p = 0; p < parts; ++p) call->status[p].store(kPending, std::memory_order_relaxed);
 
@@ -118,10 +119,9 @@ ffi::Error MatVec(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi
     }
   }
 
-  float* out = y->typed_data();
-  std::memcpy(out, call->acc.data(), n * sizeof(float));
+  float* out = call->y;
   for (int p = 1; p < parts; ++p) {
-    const float* a = call->acc.data() + p * n;
+    const float* a = call->out(p);
     for (int64_t j = 0; j < n; ++j) out[j] += a[j];
   }
   return ffi::Error::Success();

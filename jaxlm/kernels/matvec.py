@@ -24,6 +24,7 @@ build an error, auto (default) is the above.
 """
 from __future__ import annotations
 
+import ctypes
 import functools
 import hashlib
 import math
@@ -38,7 +39,6 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import jaxlib
-import numpy as np
 
 SOURCE = Path(__file__).with_name("matvec.cc")
 TARGET = "jaxlm_matvec_f32"
@@ -111,7 +111,7 @@ def build() -> Path:
 def _registered() -> bool:
     """Build (if needed), load and register the kernel once per process; False if unavailable."""
     try:
-        lib = np.ctypeslib.load_library(build().name, str(library_path().parent))
+        lib = ctypes.CDLL(str(build()))
     except (RuntimeError, OSError) as e:
         if mode() == "1":
             raise RuntimeError(f"JAXLM_CPU_MATVEC=1 but the CPU matvec kernel is unavailable: {e}")

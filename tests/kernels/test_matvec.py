@@ -110,7 +110,7 @@ def test_switched_off_and_bad_setting(monkeypatch):
         mv.applies("TD,DV->TV", x, w)
 
 
-def test_failed_build_warns_once_and_falls_back(monkeypatch, tmp_path):
+def test_failed_build_warns_and_falls_back(monkeypatch, tmp_path):
     monkeypatch.setenv("JAXLM_CACHE_DIR", str(tmp_path))
     monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
     with pytest.raises(RuntimeError, match="could not run the C\\+\\+ compiler .*no-such-compiler"):
